@@ -1,0 +1,269 @@
+"""Cutting a CSV byte stream into batches of whole records, without parsing rows.
+
+A newline ends a record unless it lies inside a quoted field. With the default escape
+(a doubled quote), a newline is inside quotes exactly when an odd number of quote
+characters precede it in its record, so each line's quote count decides, and that
+counting runs in C (bytes.split, bytes.count, itertools): Python code runs per block
+and per batch, never per byte. A custom --escape needs a small scan of the lines that
+hold quotes; that path is slower, and only taken when asked for.
+
+Every batch carries where it came from (first line, lines, rows, byte offset), which
+the error messages, the rejects file and the ledger use.
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import hashlib
+import io
+import itertools
+import operator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from .errors import LoaderError, UsageError
+from .options import CsvDialect
+from .source import Source, read_block
+
+READ_SIZE = 1 << 20
+MAX_RECORD_BYTES = 64 << 20
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Whole records, byte for byte as in the source, and where they were found."""
+
+    number: int  # 1-based, in source order
+    data: bytes
+    first_line: int  # source line (1-based, the header counts) where the first record starts
+    lines: int  # physical lines spanned; more than rows when fields hold newlines
+    rows: int
+    offset: int  # byte offset of `data` in the (decompressed) source
+    checksum: str  # of `data`; the ledger keeps it so a re-read can tell the source changed
+
+    @property
+    def last_line(self) -> int:
+        return self.first_line + self.lines - 1
+
+
+def _ends_doubled_quote(lines: list[bytes], quote: bytes) -> list[int]:
+    """Indices of the lines that end a record, when quotes inside fields are doubled."""
+    odd = map(operator.and_, map(bytes.count, lines, itertools.repeat(quote)), itertools.repeat(1))
+    in_quote = itertools.accumulate(odd, operator.xor)
+    return list(itertools.compress(itertools.count(), map(operator.not_, in_quote)))
+
+
+def _still_quoted(line: bytes, quote: bytes, escape: bytes, in_quote: bool) -> bool:
+    """Whether a quoted field is open at the end of `line`, as PostgreSQL's CSV reader sees it:
+    inside quotes an odd run of escape characters makes the next quote literal."""
+    pos = 0
+    while True:
+        if not in_quote:
+            pos = line.find(quote, pos)
+            if pos < 0:
+                return False
+            in_quote, pos = True, pos + 1
+            continue
+        q = line.find(quote, pos)
+        if q < 0:
+            return True
+        e = line.find(escape, pos, q)
+        if e < 0:
+            in_quote, pos = False, q + 1
+            continue
+        run_end = e
+        while line[run_end : run_end + 1] == escape:
+            run_end += 1
+        if run_end == q and (run_end - e) % 2 == 1:
+            pos = q + 1  # an escaped quote: still inside
+        else:
+            pos = run_end
+
+
+def _ends_escaped(lines: list[bytes], quote: bytes, escape: bytes) -> list[int]:
+    """Indices of the lines that end a record, for a custom escape character."""
+    ends: list[int] = []
+    in_quote = False
+    for i, line in enumerate(lines):
+        if in_quote or quote in line:
+            in_quote = _still_quoted(line, quote, escape, in_quote)
+        if not in_quote:
+            ends.append(i)
+    return ends
+
+
+def record_end_finder(dialect: CsvDialect) -> Callable[[list[bytes]], list[int]]:
+    """The function that, given lines starting at a record start, lists the lines ending a record."""
+    quote = dialect.quote.encode()
+    escape = dialect.escape_char.encode()
+    if escape == quote:
+        return lambda lines: _ends_doubled_quote(lines, quote)
+    return lambda lines: _ends_escaped(lines, quote, escape)
+
+
+class _Pending:
+    """The records gathered for the next batch."""
+
+    def __init__(self, offset: int, line: int) -> None:
+        self.parts: list[memoryview | bytes] = []
+        self.bytes = self.rows = self.lines = 0
+        self.offset, self.line = offset, line
+
+    def add(self, part: memoryview | bytes, rows: int, lines: int) -> None:
+        self.parts.append(part)
+        self.bytes += len(part)
+        self.rows += rows
+        self.lines += lines
+
+    def take(self, number: int) -> Batch:
+        data = b"".join(self.parts)
+        checksum = hashlib.sha256(data).hexdigest()
+        batch = Batch(number, data, self.line, self.lines, self.rows, self.offset, checksum)
+        self.offset += self.bytes
+        self.line += self.lines
+        self.parts = []
+        self.bytes = self.rows = self.lines = 0
+        return batch
+
+
+class Batcher:
+    """Reads a source block by block and yields batches of at most `batch_rows` records and,
+    unless a single record is larger, at most `batch_bytes` bytes."""
+
+    def __init__(
+        self, source: Source, dialect: CsvDialect, batch_rows: int, batch_bytes: int, read_size: int = READ_SIZE
+    ) -> None:
+        self._source = source
+        self._read_size = read_size
+        self._find_ends = record_end_finder(dialect)
+        self._strip_bom = dialect.python_encoding == "utf-8"
+        self._batch_rows = batch_rows
+        self._batch_bytes = batch_bytes
+        self._tail = b""  # bytes after the last complete record; starts at a record start
+        self._offset = 0  # source offset of the tail
+        self._line = 1  # source line of the tail
+        self._started = False
+        self._eof = False
+        self.header: bytes | None = None
+
+    def _scan(self) -> tuple[bytes, list[bytes], list[int]] | None:
+        """Read one more block onto the tail; the data, its complete lines, and which end records."""
+        block = read_block(self._source, self._read_size)
+        if not self._started:
+            self._started = True
+            if self._strip_bom and block.startswith(_UTF8_BOM):
+                block = block[len(_UTF8_BOM) :]
+                self._offset = len(_UTF8_BOM)
+        if not block:
+            self._eof = True
+            return None
+        data = self._tail + block if self._tail else block
+        lines = data.split(b"\n")
+        lines.pop()  # the unfinished last line stays in the tail
+        ends = self._find_ends(lines)
+        if not ends and len(data) > MAX_RECORD_BYTES:
+            raise LoaderError(
+                f"{self._source.name}: the record starting at line {self._line} is longer than "
+                f"{MAX_RECORD_BYTES >> 20} MiB; is a quote left open?"
+            )
+        self._tail = data
+        return data, lines, ends
+
+    def _consume(self, data: bytes, upto: int, lines: int) -> None:
+        self._tail = data[upto:]
+        self._offset += upto
+        self._line += lines
+
+    def read_header(self) -> bytes | None:
+        """Take the first record off the stream, without its line ending (None for an empty file)."""
+        while not self._eof:
+            scanned = self._scan()
+            if scanned is None:
+                break
+            data, lines, ends = scanned
+            if ends:
+                end = sum(map(len, lines[: ends[0] + 1])) + ends[0] + 1
+                self.header = data[:end].rstrip(b"\r\n")
+                self._consume(data, end, ends[0] + 1)
+                return self.header
+        if self._tail:
+            self.header = self._tail.rstrip(b"\r\n")
+            self._consume(self._tail, len(self._tail), self._tail.count(b"\n") + 1)
+        return self.header
+
+    def __iter__(self) -> Iterator[Batch]:
+        pending = _Pending(self._offset, self._line)
+        number = 0
+        while not self._eof:
+            scanned = self._scan()
+            if scanned is None:
+                break
+            data, lines, ends = scanned
+            view = memoryview(data)
+            line_sums = list(itertools.accumulate(map(len, lines)))
+
+            def end_of(line_index: int) -> int:
+                return line_sums[line_index] + line_index + 1  # just past its newline
+
+            r, cur, cur_line = 0, 0, 0
+            while r < len(ends):
+                room_rows = self._batch_rows - pending.rows
+                room_bytes = self._batch_bytes - pending.bytes
+                k = min(r + room_rows, len(ends)) - 1
+                full = k - r + 1 == room_rows
+                if end_of(ends[k]) - cur > room_bytes:
+                    k = bisect.bisect_right(ends, cur + room_bytes, lo=r, hi=k + 1, key=end_of) - 1
+                    if k < r:
+                        if pending.rows:
+                            number += 1
+                            yield pending.take(number)
+                            continue
+                        k = r  # one record larger than --batch-bytes travels alone
+                    full = True
+                end = end_of(ends[k])
+                pending.add(view[cur:end], k - r + 1, ends[k] + 1 - cur_line)
+                r, cur, cur_line = k + 1, end, ends[k] + 1
+                if full:
+                    number += 1
+                    yield pending.take(number)
+            self._consume(data, cur, cur_line)
+        if self._tail:  # a last record without a line ending, or with a quote left open
+            if pending.rows and (pending.rows >= self._batch_rows or pending.bytes + len(self._tail) > self._batch_bytes):
+                number += 1
+                yield pending.take(number)
+            pending.add(self._tail, 1, self._tail.count(b"\n") + 1)
+            self._consume(self._tail, len(self._tail), 0)
+        if pending.rows:
+            number += 1
+            yield pending.take(number)
+
+
+def parse_header(record: bytes, dialect: CsvDialect, source_name: str) -> list[str]:
+    """The header's field names; the only record the loader ever parses on the fast path."""
+    try:
+        text = record.decode(dialect.python_encoding)
+    except UnicodeDecodeError:
+        raise UsageError(
+            f"{source_name}: line 1 (the header) is not valid {dialect.encoding}; pass the file's --encoding"
+        ) from None
+    reader = csv.reader(
+        io.StringIO(text, newline=""),
+        delimiter=dialect.delimiter,
+        quotechar=dialect.quote,
+        doublequote=dialect.escape is None or dialect.escape == dialect.quote,
+        escapechar=dialect.escape if dialect.escape not in (None, dialect.quote) else None,
+        strict=False,
+    )
+    return next(reader, [])
+
+
+def record_lines(batch: Batch, dialect: CsvDialect) -> list[int]:
+    """The source line on which each record of the batch starts (slow path: errors only)."""
+    lines = batch.data.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()
+    ends = record_end_finder(dialect)(lines)
+    starts = [batch.first_line, *(batch.first_line + end + 1 for end in ends)]
+    return starts[: batch.rows]

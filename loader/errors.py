@@ -1,0 +1,95 @@
+"""The loader's exceptions, and how server errors are classified.
+
+    LoaderError           exit 1: the load could not finish
+    ├── UsageError        exit 2: a mistake in the command, the file or the target; nothing was loaded
+    └── TryAgainLater     exit 75: not now (table locked by another load, deadline reached); resumable
+
+Each carries a one-line, user-facing message. They are raised where the problem is
+known and turned into output only at the CLI's edge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+
+EXIT_OK = 0
+EXIT_FATAL = 1
+EXIT_USAGE = 2
+EXIT_REJECTS = 3
+EXIT_TEMPFAIL = 75
+
+
+class LoaderError(Exception):
+    """A failure the user should read about; `str(err)` is the one line to print."""
+
+    exit_code = EXIT_FATAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.report: Any = None  # what was done before the failure, when a load had started
+
+
+class UsageError(LoaderError):
+    """The command, the source or the target is wrong; retrying will not help."""
+
+    exit_code = EXIT_USAGE
+
+
+class TryAgainLater(LoaderError):
+    """The load cannot run now but a later run will resume it (cron's EX_TEMPFAIL)."""
+
+    exit_code = EXIT_TEMPFAIL
+
+
+# SQLSTATE classes (first two characters) and codes that a later attempt can cure:
+# 08 connection exception, 40 transaction rollback (serialization failure, deadlock),
+# 53 insufficient resources (too many connections), 57P operator intervention
+# (admin shutdown, crash shutdown, cannot connect now), 57014 statement timeout.
+_TRANSIENT_CLASSES = ("08", "40", "53")
+_TRANSIENT_PREFIXES = ("57P", "57014")
+
+# SQLSTATE classes that mean "this data is bad": 22 data exception (including COPY's own
+# format errors such as 22P04 "missing data for column"), 23 integrity constraint violation.
+_DATA_CLASSES = ("22", "23")
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a server error, None for anything else."""
+    state = getattr(exc, "sqlstate", None)
+    return state if isinstance(state, str) else None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when retrying the same work later may succeed: the connection or server, not the data."""
+    state = sqlstate(exc)
+    if state is not None:
+        return state[:2] in _TRANSIENT_CLASSES or state.startswith(_TRANSIENT_PREFIXES)
+    # No SQLSTATE: the connection broke under us (reset, refused, closed mid-query, timed out).
+    return isinstance(
+        exc,
+        (
+            OSError,
+            asyncio.TimeoutError,
+            asyncpg.exceptions.ConnectionDoesNotExistError,
+            asyncpg.exceptions.InterfaceError,
+        ),
+    ) and not isinstance(exc, asyncpg.exceptions.ClientConfigurationError)
+
+
+def is_data_error(exc: BaseException) -> bool:
+    """True when the server refused the rows themselves (bad value, wrong field count, constraint)."""
+    state = sqlstate(exc)
+    return state is not None and state[:2] in _DATA_CLASSES
+
+
+def server_message(exc: BaseException) -> str:
+    """The server's message on one line, with its detail where it adds something."""
+    text = " ".join(str(exc).split())
+    detail = getattr(exc, "detail", None)
+    if detail:
+        text = f"{text} ({' '.join(str(detail).split())})"
+    return text

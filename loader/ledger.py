@@ -1,0 +1,60 @@
+"""The load ledger in the target database: which loads ran and which batches they committed.
+
+Its batch rows are written inside each batch's own transaction (see `sink`), which is what
+makes a retried batch, or a resumed load, never load a row twice.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import asyncpg
+
+from . import sql
+
+
+class Ledger:
+    """The ledger tables under one schema, with their statements rendered once."""
+
+    def __init__(self, schema: str) -> None:
+        self.schema = schema
+        self.claim_sql = sql.render(sql.CLAIM_BATCH, schema=schema)
+        self._committed_sql = sql.render(sql.COMMITTED_BATCH, schema=schema)
+        self._start_sql = sql.render(sql.START_LOAD, schema=schema)
+        self._finish_sql = sql.render(sql.FINISH_LOAD, schema=schema)
+
+    async def ensure(self, conn: asyncpg.Connection) -> None:
+        """Create the ledger if it is missing; serialised so concurrent first loads do not race."""
+        batches = sql.qualified(self.schema, "batches")
+        if await conn.fetchval(sql.LEDGER_EXISTS, batches):
+            return
+        async with conn.transaction():
+            await conn.execute(sql.LEDGER_LOCK)
+            await conn.execute(sql.render(sql.sql_file("ledger.sql"), schema=self.schema))
+
+    async def start(
+        self,
+        conn: asyncpg.Connection,
+        load_id: str,
+        target: str,
+        source: str,
+        source_size: int | None,
+        boundaries: dict[str, Any],
+    ) -> None:
+        await conn.execute(self._start_sql, load_id, target, source, source_size, json.dumps(boundaries))
+
+    async def committed(self, conn: asyncpg.Connection, load_id: str, batch_no: int) -> asyncpg.Record | None:
+        return await conn.fetchrow(self._committed_sql, load_id, batch_no)
+
+    async def finish(
+        self,
+        conn: asyncpg.Connection,
+        load_id: str,
+        state: str,
+        rows_read: int,
+        rows_loaded: int,
+        rows_rejected: int,
+        message: str | None,
+    ) -> None:
+        await conn.execute(self._finish_sql, load_id, state, rows_read, rows_loaded, rows_rejected, message)

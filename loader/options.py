@@ -1,0 +1,124 @@
+"""Immutable option objects passed from the CLI down to the parts.
+
+Validation happens here, once, so a bad combination fails before any connection is made.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+from dataclasses import dataclass, field
+
+from .errors import UsageError
+
+DEFAULT_BATCH_ROWS = 50_000
+DEFAULT_BATCH_BYTES = 8 * 1024 * 1024
+DEFAULT_WORKERS = 2
+DEFAULT_RETRIES = 5
+
+# Python codec names PostgreSQL spells differently; the others (utf-8, iso8859-1, euc_jp,
+# koi8_r, ...) match once PostgreSQL drops punctuation, and cp125x become WIN125x.
+_PG_ENCODING_NAMES = {"ascii": "SQL_ASCII", "shift_jis": "SJIS", "cp932": "SJIS"}
+
+
+def _single_byte(name: str, value: str) -> None:
+    if len(value) != 1 or len(value.encode("utf-8")) != 1:
+        raise UsageError(f"--{name} must be a single one-byte character, got {value!r}")
+    if value in "\r\n":
+        raise UsageError(f"--{name} cannot be a newline or carriage return")
+
+
+@dataclass(frozen=True)
+class CsvDialect:
+    """How the source is written; mirrors the options of PostgreSQL's COPY (FORMAT csv)."""
+
+    delimiter: str = ","
+    quote: str = '"'
+    escape: str | None = None  # None: same as quote, i.e. "" inside a quoted field
+    null: str = ""
+    encoding: str = "utf-8"
+    header: bool = True
+
+    def __post_init__(self) -> None:
+        _single_byte("delimiter", self.delimiter)
+        _single_byte("quote", self.quote)
+        if self.escape is not None:
+            _single_byte("escape", self.escape)
+        if self.delimiter == self.quote:
+            raise UsageError("--delimiter and --quote must be different characters")
+        if "\r" in self.null or "\n" in self.null:
+            raise UsageError("--null cannot contain a newline or carriage return")
+        if self.delimiter in self.null:
+            raise UsageError("--null cannot contain the delimiter")
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise UsageError(f"unknown --encoding {self.encoding!r}") from None
+        if not self.ascii_compatible:
+            raise UsageError(
+                f"--encoding {self.encoding!r} is not supported: PostgreSQL reads only "
+                "ASCII-compatible encodings (convert the file to UTF-8 first, e.g. with iconv)"
+            )
+
+    @property
+    def escape_char(self) -> str:
+        return self.escape if self.escape is not None else self.quote
+
+    @property
+    def python_encoding(self) -> str:
+        return codecs.lookup(self.encoding).name
+
+    @property
+    def pg_encoding(self) -> str:
+        """The name PostgreSQL knows this encoding by (it ignores case and punctuation)."""
+        name = self.python_encoding
+        return _PG_ENCODING_NAMES.get(name) or re.sub(r"^cp(125\d)$", r"WIN\1", name)
+
+    @property
+    def ascii_compatible(self) -> bool:
+        return b"\n,\"" == "\n,\"".encode(self.python_encoding, errors="replace")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently a transient failure is retried."""
+
+    attempts: int = DEFAULT_RETRIES + 1  # the first try plus the retries
+    initial_wait: float = 0.5
+    max_wait: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise UsageError("--retries cannot be negative")
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """Everything one `loader import` needs; built by the CLI or by a library caller."""
+
+    source: str  # a path, or "-" for standard input
+    table: str  # as written in SQL: schema.table, with double quotes where needed
+    dialect: CsvDialect = field(default_factory=CsvDialect)
+    columns: tuple[str, ...] | None = None
+    dsn: str | None = None  # None: $DATABASE_URL, then libpq's PG* variables and .pgpass
+    workers: int = DEFAULT_WORKERS
+    batch_rows: int = DEFAULT_BATCH_ROWS
+    batch_bytes: int = DEFAULT_BATCH_BYTES
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    ledger_schema: str = "loader"
+    application_name: str = "loader"
+
+    def __post_init__(self) -> None:
+        if not self.table.strip():
+            raise UsageError("--table cannot be empty")
+        if self.workers < 1:
+            raise UsageError("--workers must be at least 1")
+        if self.batch_rows < 1:
+            raise UsageError("--batch-size must be at least 1 row")
+        if self.batch_bytes < 1024:
+            raise UsageError("--batch-bytes must be at least 1024")
+        if self.columns is not None:
+            if not self.columns or any(not c for c in self.columns):
+                raise UsageError("--columns must name at least one column, with no empty names")
+            if len(set(self.columns)) != len(self.columns):
+                raise UsageError("--columns names a column twice")

@@ -1,0 +1,273 @@
+"""The PostgreSQL side: the connection pool, the target table, and COPY of one batch.
+
+This is the one place where asyncpg's exceptions about setup (connecting, finding the
+table and its columns, checking the COPY options) become the loader's own errors.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from . import sql
+from .batching import Batch
+from .errors import LoaderError, UsageError, is_data_error, is_transient, server_message, sqlstate
+from .ledger import Ledger
+from .options import CsvDialect, LoadOptions, RetryPolicy
+from .retry import retrying
+
+_WRITABLE_RELKINDS = {"r": "table", "p": "partitioned table", "f": "foreign table"}
+_COPY_LINE = re.compile(r"\bline (\d+)")
+
+
+def resolve_dsn(dsn: str | None) -> str | None:
+    """--dsn, else $DATABASE_URL, else None (asyncpg then reads PG* variables and .pgpass)."""
+    return dsn or os.environ.get("DATABASE_URL") or None
+
+
+def describe_server(dsn: str | None) -> str:
+    """Where we connect, for messages: host, port and database, never the password."""
+    if dsn and "://" in dsn:
+        parts = urlsplit(dsn)
+        host = parts.hostname or os.environ.get("PGHOST", "localhost")
+        try:
+            port = parts.port or os.environ.get("PGPORT", 5432)
+        except ValueError:
+            port = "?"
+        database = parts.path.lstrip("/") or os.environ.get("PGDATABASE", "")
+    else:
+        host = os.environ.get("PGHOST", "localhost")
+        port = os.environ.get("PGPORT", 5432)
+        database = os.environ.get("PGDATABASE", "")
+    return f"{host}:{port}/{database}" if database else f"{host}:{port}"
+
+
+def redact(text: str, dsn: str | None) -> str:
+    """Remove the DSN's password from a message, wherever a library may have echoed it."""
+    if dsn and "://" in dsn:
+        try:
+            password = urlsplit(dsn).password
+        except ValueError:
+            password = None
+        if password:
+            text = text.replace(password, "****")
+    return text
+
+
+def copy_line(exc: BaseException) -> int | None:
+    """The 1-based record number within a COPY that the server blamed, from the error context."""
+    match = _COPY_LINE.search(getattr(exc, "context", None) or "")
+    return int(match.group(1)) if match else None
+
+
+async def open_pool(options: LoadOptions, on_retry: Callable[[BaseException], None] | None = None) -> asyncpg.Pool:
+    """A pool of exactly `workers` connections; transient failures are retried, the rest explained."""
+    dsn = resolve_dsn(options.dsn)
+    server = describe_server(dsn)
+    try:
+        async for attempt in retrying(options.retry, on_retry):
+            with attempt:
+                return await asyncpg.create_pool(
+                    dsn,
+                    min_size=options.workers,
+                    max_size=options.workers,
+                    timeout=15,
+                    server_settings={"application_name": options.application_name},
+                )
+    except asyncpg.InvalidAuthorizationSpecificationError as exc:
+        raise UsageError(f"cannot log in to {server}: {redact(server_message(exc), dsn)}") from None
+    except asyncpg.InvalidCatalogNameError as exc:
+        raise UsageError(f"cannot connect to {server}: {redact(server_message(exc), dsn)}") from None
+    except (asyncpg.exceptions.ClientConfigurationError, ValueError) as exc:
+        raise UsageError(f"invalid connection settings: {redact(str(exc), dsn)}") from None
+    except Exception as exc:
+        reason = redact(" ".join(str(exc).split()) or type(exc).__name__, dsn)
+        if is_transient(exc):
+            raise LoaderError(
+                f"cannot connect to PostgreSQL at {server} after {options.retry.attempts} attempts: {reason}"
+            ) from None
+        raise LoaderError(f"cannot connect to PostgreSQL at {server}: {reason}") from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class Target:
+    """The table rows go into, as the server resolved it."""
+
+    schema: str
+    name: str
+    columns: tuple[str, ...]  # every column a COPY can write, in table order
+
+    @property
+    def display(self) -> str:
+        return sql.qualified(self.schema, self.name)
+
+    def pick_columns(self, names: Sequence[str], where: str) -> tuple[str, ...]:
+        """Map names from the header or --columns to the table's columns: exact match first,
+        then a unique case-insensitive one (a header "ID" for a column id)."""
+        by_lower: dict[str, list[str]] = {}
+        for column in self.columns:
+            by_lower.setdefault(column.lower(), []).append(column)
+        picked: list[str] = []
+        for name in names:
+            if name in self.columns:
+                picked.append(name)
+            elif len(by_lower.get(name.lower(), [])) == 1:
+                picked.append(by_lower[name.lower()][0])
+            else:
+                known = ", ".join(self.columns)
+                raise UsageError(f"{where} names {name!r}, which is not a column of {self.display} (columns: {known})")
+        duplicated = {c for c in picked if picked.count(c) > 1}
+        if duplicated:
+            raise UsageError(f"{where} names column {sorted(duplicated)[0]!r} more than once")
+        return tuple(picked)
+
+
+async def resolve_target(conn: asyncpg.Connection, table: str) -> Target:
+    try:
+        row = await conn.fetchrow(sql.RESOLVE_TABLE, table)
+    except asyncpg.PostgresError as exc:
+        raise UsageError(f"--table {table}: {server_message(exc)}") from None
+    if row is None:
+        raise UsageError(f"table {table} does not exist (check the name, its schema and the quotes)")
+    if row["relkind"] not in _WRITABLE_RELKINDS:
+        raise UsageError(f"{table} is not a table; COPY can load only tables")
+    columns = await conn.fetch(sql.TABLE_COLUMNS, row["oid"])
+    return Target(row["nspname"], row["relname"], tuple(r["attname"] for r in columns))
+
+
+@dataclass(frozen=True)
+class Loaded:
+    rows: int
+    already: bool  # committed by an earlier attempt or run; nothing was written now
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The server refused the batch's data; the whole batch was rolled back."""
+
+    sqlstate: str
+    message: str
+    record: int | None  # 1-based record within the batch that the server blamed, when it said
+
+
+class Sink:
+    """COPYs batches into the target, each in its own transaction with its ledger row."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        target: Target,
+        columns: tuple[str, ...],
+        dialect: CsvDialect,
+        ledger: Ledger,
+        load_id: str,
+        retry: RetryPolicy,
+        on_retry: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self._pool = pool
+        self.target = target
+        self.columns = columns
+        self._ledger = ledger
+        self._load_id = load_id
+        self._retry = retry
+        self._on_retry = on_retry
+        self._copy_options = {
+            "format": "csv",
+            "delimiter": dialect.delimiter,
+            "quote": dialect.quote,
+            "null": dialect.null,
+            "encoding": dialect.pg_encoding,
+        }
+        if dialect.escape is not None:
+            self._copy_options["escape"] = dialect.escape
+        self.copies = 0  # COPY statements sent, for the report and the fast-path test
+
+    async def _copy(self, conn: asyncpg.Connection, data: bytes) -> int:
+        self.copies += 1
+        status = await conn.copy_to_table(
+            self.target.name,
+            schema_name=self.target.schema,
+            columns=list(self.columns),
+            source=memoryview(data),  # not bytes: asyncpg would take bytes for a file name
+            **self._copy_options,
+        )
+        return int(status.rsplit(" ", 1)[1])
+
+    async def check(self) -> None:
+        """COPY nothing in a rolled-back transaction: the table, the columns, the options and
+        the privileges are all checked before the first batch, so mistakes exit 2 at once."""
+        async with self._pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    await self._copy(conn, b"")
+                    raise _Rollback
+            except _Rollback:
+                pass
+            except asyncpg.PostgresError as exc:
+                if is_transient(exc):
+                    raise
+                raise UsageError(f"cannot load into {self.target.display}: {server_message(exc)}") from None
+            finally:
+                self.copies -= 1
+
+    async def load(self, batch: Batch) -> Loaded | Refused:
+        """Load one batch, retrying transient failures; bad data is a result, anything else fatal.
+
+        Exactly once, even when a commit's outcome is unknown (the connection died during
+        COMMIT): every attempt first claims the batch's ledger row in its own transaction.
+        If an earlier attempt committed, the claim finds the row and the attempt writes
+        nothing; if that attempt is still in progress on the server, the claim waits on the
+        row's unique index until it commits or rolls back, and then does the right thing.
+        """
+        try:
+            async for attempt in retrying(self._retry, self._on_retry):
+                with attempt:
+                    return await self._load_once(batch)
+        except LoaderError:
+            raise
+        except Exception as exc:
+            state = sqlstate(exc)
+            if state is not None and is_data_error(exc):
+                return Refused(state, server_message(exc), copy_line(exc))
+            where = f"lines {batch.first_line}-{batch.last_line}"
+            if is_transient(exc):
+                reason = " ".join(str(exc).split()) or type(exc).__name__
+                raise LoaderError(f"{where}: gave up after {self._retry.attempts} attempts: {reason}") from exc
+            if isinstance(exc, asyncpg.PostgresError):
+                raise LoaderError(f"{where}: {state} {server_message(exc)}") from exc
+            raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _load_once(self, batch: Batch) -> Loaded:
+        async with self._pool.acquire() as conn:
+            async with conn.transaction():
+                claimed = await conn.fetchval(
+                    self._ledger.claim_sql,
+                    self._load_id,
+                    batch.number,
+                    batch.first_line,
+                    batch.offset,
+                    len(batch.data),
+                    batch.rows,
+                    batch.checksum,
+                )
+                if not claimed:
+                    row = await self._ledger.committed(conn, self._load_id, batch.number)
+                    return Loaded(rows=row["rows_loaded"] if row else 0, already=True)
+                rows = await self._copy(conn, batch.data)
+                if rows != batch.rows:
+                    raise LoaderError(
+                        f"lines {batch.first_line}-{batch.last_line}: the server loaded {rows} rows where "
+                        f"the loader counted {batch.rows}; rolled back (is there a line \\. in the data?)"
+                    )
+                return Loaded(rows=rows, already=False)
+
+
+class _Rollback(Exception):
+    pass

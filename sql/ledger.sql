@@ -1,0 +1,35 @@
+-- The load ledger: one row per load, one row per committed batch.
+-- A batch's row is inserted in the same transaction as the batch's rows, so a batch is
+-- either loaded and recorded, or neither. Run idempotently on every load; {schema} is
+-- replaced by the quoted ledger schema name (default "loader").
+
+CREATE SCHEMA IF NOT EXISTS {schema};
+
+CREATE TABLE IF NOT EXISTS {schema}.loads (
+    load_id        text PRIMARY KEY,
+    target_table   text NOT NULL,
+    source         text NOT NULL,
+    source_size    bigint,
+    boundaries     jsonb NOT NULL,          -- what decides batch boundaries (dialect, batch size)
+    state          text NOT NULL DEFAULT 'running'
+                   CHECK (state IN ('running', 'succeeded', 'failed', 'interrupted')),
+    started_at     timestamptz NOT NULL DEFAULT now(),
+    finished_at    timestamptz,
+    rows_read      bigint NOT NULL DEFAULT 0,
+    rows_loaded    bigint NOT NULL DEFAULT 0,
+    rows_rejected  bigint NOT NULL DEFAULT 0,
+    message        text
+);
+
+CREATE TABLE IF NOT EXISTS {schema}.batches (
+    load_id        text NOT NULL REFERENCES {schema}.loads ON DELETE CASCADE,
+    batch_no       integer NOT NULL,
+    first_line     bigint NOT NULL,
+    byte_offset    bigint NOT NULL,
+    byte_length    bigint NOT NULL,
+    rows_loaded    bigint NOT NULL,
+    rows_rejected  bigint NOT NULL DEFAULT 0,
+    checksum       text NOT NULL,
+    committed_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (load_id, batch_no)
+);
