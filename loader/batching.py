@@ -149,7 +149,10 @@ class Batcher:
         self.header: bytes | None = None
 
     def _scan(self) -> tuple[bytes, list[bytes], list[int]] | None:
-        """Read one more block onto the tail; the data, its complete lines, and which end records."""
+        """Read one more block onto the tail; the data, its complete lines, and which end records.
+        None once the source is exhausted and the tail has been scanned."""
+        if self._eof:
+            return None
         block = read_block(self._source, self._read_size)
         if not self._started:
             self._started = True
@@ -158,7 +161,6 @@ class Batcher:
                 self._offset = len(_UTF8_BOM)
         if not block:
             self._eof = True
-            return None
         data = self._tail + block if self._tail else block
         lines = data.split(b"\n")
         lines.pop()  # the unfinished last line stays in the tail
@@ -178,10 +180,7 @@ class Batcher:
 
     def read_header(self) -> bytes | None:
         """Take the first record off the stream, without its line ending (None for an empty file)."""
-        while not self._eof:
-            scanned = self._scan()
-            if scanned is None:
-                break
+        while (scanned := self._scan()) is not None:
             data, lines, ends = scanned
             if ends:
                 end = sum(map(len, lines[: ends[0] + 1])) + ends[0] + 1
@@ -196,10 +195,7 @@ class Batcher:
     def __iter__(self) -> Iterator[Batch]:
         pending = _Pending(self._offset, self._line)
         number = 0
-        while not self._eof:
-            scanned = self._scan()
-            if scanned is None:
-                break
+        while (scanned := self._scan()) is not None:
             data, lines, ends = scanned
             view = memoryview(data)
             line_sums = list(itertools.accumulate(map(len, lines)))

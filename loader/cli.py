@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     """Entry point: every error becomes one line on stderr and its exit code."""
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="loader", standalone_mode=False)
+        code = command.main(args=argv, prog_name="loader", standalone_mode=False)
     except LoaderError as exc:
         _fail(exc.message, exc.exit_code)
     except typer.Exit as exc:
@@ -121,4 +121,4 @@ def main(argv: list[str] | None = None) -> NoReturn:
         if os.environ.get("LOADER_DEBUG"):
             raise
         _fail(f"unexpected {type(exc).__name__}: {exc} (please report this)", EXIT_FATAL)
-    sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 
 from . import sql
+from .errors import UsageError, is_transient, server_message
 
 
 class Ledger:
@@ -29,9 +30,19 @@ class Ledger:
         batches = sql.qualified(self.schema, "batches")
         if await conn.fetchval(sql.LEDGER_EXISTS, batches):
             return
-        async with conn.transaction():
-            await conn.execute(sql.LEDGER_LOCK)
-            await conn.execute(sql.render(sql.sql_file("ledger.sql"), schema=self.schema))
+        try:
+            async with conn.transaction():
+                await conn.execute(sql.LEDGER_LOCK)
+                if not await conn.fetchval(sql.SCHEMA_EXISTS, sql.quote_ident(self.schema)):
+                    await conn.execute(sql.render(sql.CREATE_SCHEMA, schema=self.schema))
+                await conn.execute(sql.render(sql.sql_file("ledger.sql"), schema=self.schema))
+        except asyncpg.PostgresError as exc:
+            if is_transient(exc):
+                raise
+            raise UsageError(
+                f"cannot create the load ledger in schema {self.schema}: {server_message(exc)} "
+                "(grant CREATE, or have an owner run sql/ledger.sql; see --ledger-schema)"
+            ) from None
 
     async def start(
         self,

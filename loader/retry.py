@@ -21,7 +21,7 @@ def retrying(policy: RetryPolicy, on_retry: Callable[[BaseException], None] | No
 
     return AsyncRetrying(
         stop=stop_after_attempt(policy.attempts),
-        wait=wait_exponential_jitter(initial=policy.initial_wait, max=policy.max_wait),
+        wait=wait_exponential_jitter(multiplier=policy.initial_wait, max=policy.max_wait, jitter=policy.initial_wait),
         retry=retry_if_exception(is_transient),
         before_sleep=before_sleep,
         reraise=True,

@@ -57,6 +57,10 @@ LEDGER_LOCK = "SELECT pg_advisory_xact_lock(hashtext('loader ledger schema'))"
 
 LEDGER_EXISTS = "SELECT to_regclass($1) IS NOT NULL"
 
+SCHEMA_EXISTS = "SELECT to_regnamespace($1) IS NOT NULL"
+
+CREATE_SCHEMA = "CREATE SCHEMA IF NOT EXISTS {schema}"
+
 START_LOAD = """
 INSERT INTO {schema}.loads (load_id, target_table, source, source_size, boundaries)
 VALUES ($1, $2, $3, $4, $5::jsonb)

@@ -1,9 +1,8 @@
 -- The load ledger: one row per load, one row per committed batch.
 -- A batch's row is inserted in the same transaction as the batch's rows, so a batch is
--- either loaded and recorded, or neither. Run idempotently on every load; {schema} is
--- replaced by the quoted ledger schema name (default "loader").
-
-CREATE SCHEMA IF NOT EXISTS {schema};
+-- either loaded and recorded, or neither. Run idempotently when the ledger is missing;
+-- {schema} is replaced by the quoted ledger schema name (default "loader"), which the
+-- loader creates first if it does not exist.
 
 CREATE TABLE IF NOT EXISTS {schema}.loads (
     load_id        text PRIMARY KEY,

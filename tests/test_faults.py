@@ -1,0 +1,82 @@
+"""Faults during a load, made for real: connections killed on the server, batches sent twice."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from conftest import Db, until
+from data import EVENTS_HEADER, event_rows, write_csv
+
+from loader import CsvDialect, LoadOptions
+from loader.batching import Batcher
+from loader.ledger import Ledger
+from loader.options import RetryPolicy
+from loader.sink import Sink, open_pool, resolve_target
+from loader.source import open_source
+
+SLOW_EVENTS = """
+CREATE TABLE events (id bigint PRIMARY KEY, name text, note text, amount numeric, at timestamptz, flag boolean);
+CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;
+CREATE TRIGGER slow BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION slow();
+"""
+
+KILL_A_COPY = """
+SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+ WHERE application_name = 'loader' AND state = 'active' AND query ILIKE 'COPY%'
+"""
+
+
+def test_killed_connections_are_retried_without_losing_or_duplicating_a_row(db: Db, tmp_path: Path) -> None:
+    db.script(SLOW_EVENTS)
+    rows = 200_000
+    csv = write_csv(tmp_path / "e.csv", event_rows(rows), EVENTS_HEADER)
+    proc = db.spawn("import", str(csv), "-t", "events", "--workers", "2", "--batch-size", "4000", "--json")
+    killed = 0
+
+    def kill_a_copy() -> bool:
+        nonlocal killed
+        killed += db.value(KILL_A_COPY)
+        return killed >= 3 or proc.poll() is not None
+
+    until(kill_a_copy, timeout=120, interval=0.2)
+    out, err = proc.communicate(timeout=300)
+    assert killed >= 1, "the load finished before a connection could be killed"
+    assert proc.returncode == 0, err.decode()
+    report = json.loads(out)
+    assert report["retries"] >= killed
+    assert report["rows_loaded"] == rows
+    assert db.value("SELECT count(*) FROM events") == rows
+    assert db.value("SELECT count(DISTINCT id) FROM events") == rows
+
+
+def test_a_batch_committed_by_an_earlier_attempt_is_not_loaded_again(db: Db, tmp_path: Path) -> None:
+    """What a retry after an unknown commit outcome does: the ledger row says it is done."""
+    db.sql("CREATE TABLE t (id int, name text)")
+    csv = tmp_path / "t.csv"
+    csv.write_text("id,name\n1,a\n2,b\n3,c\n")
+
+    async def twice() -> tuple[object, object]:
+        options = LoadOptions(source=str(csv), table="t", dsn=db.dsn, workers=1)
+        pool = await open_pool(options)
+        try:
+            async with pool.acquire() as conn:
+                target = await resolve_target(conn, "t")
+                ledger = Ledger("loader")
+                await ledger.ensure(conn)
+                await ledger.start(conn, "load-1", target.display, str(csv), None, {})
+            sink = Sink(pool, target, ("id", "name"), CsvDialect(), ledger, "load-1", RetryPolicy())
+            source = open_source(str(csv))
+            batcher = Batcher(source, CsvDialect(), 10, 1 << 20)
+            batcher.read_header()
+            batch = next(iter(batcher))
+            source.close()
+            return await sink.load(batch), await sink.load(batch)
+        finally:
+            await pool.close()
+
+    first, second = asyncio.run(twice())
+    assert (first.rows, first.already) == (3, False)  # type: ignore[attr-defined]
+    assert (second.rows, second.already) == (3, True)  # type: ignore[attr-defined]
+    assert db.value("SELECT count(*) FROM t") == 3
