@@ -80,3 +80,20 @@ def test_a_batch_committed_by_an_earlier_attempt_is_not_loaded_again(db: Db, tmp
     assert (first.rows, first.already) == (3, False)  # type: ignore[attr-defined]
     assert (second.rows, second.already) == (3, True)  # type: ignore[attr-defined]
     assert db.value("SELECT count(*) FROM t") == 3
+
+
+def test_the_server_never_sees_more_connections_than_workers(db: Db, tmp_path: Path) -> None:
+    db.script(SLOW_EVENTS)
+    csv = write_csv(tmp_path / "e.csv", event_rows(100_000), EVENTS_HEADER)
+    proc = db.spawn("import", str(csv), "-t", "events", "--workers", "3", "--batch-size", "2000")
+    seen: list[int] = []
+
+    def sample() -> bool:
+        seen.append(db.value("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'loader'"))
+        return proc.poll() is not None
+
+    until(sample, timeout=300, interval=0.05)
+    _, err = proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert max(seen) == 3, seen
+    assert db.value("SELECT count(*) FROM events") == 100_000
