@@ -11,13 +11,15 @@ import csv
 import json
 import os
 import sys
-from typing import Annotated, NoReturn, Optional
+from collections.abc import Coroutine
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 from typer.exceptions import TyperException
 
 from . import pipeline
 from .errors import EXIT_FATAL, EXIT_USAGE, LoaderError
+from .report import Report
 from .options import DEFAULT_BATCH_BYTES, DEFAULT_BATCH_ROWS, DEFAULT_RETRIES, DEFAULT_WORKERS, CsvDialect, LoadOptions, RetryPolicy
 
 EXIT_CODES = (
@@ -47,39 +49,67 @@ def _split_columns(value: str | None) -> tuple[str, ...] | None:
     return tuple(next(csv.reader([value]), []))
 
 
-@app.command("import", epilog=EXIT_CODES)
-def import_(
-    source: Annotated[str, typer.Argument(help="CSV file to load (.gz is read transparently), or - for stdin.", show_default=False)],
-    table: Annotated[str, typer.Option("--table", "-t", help='Target table as in SQL: schema.table, "Quoted Names" keep their case.', show_default=False)],
-    dsn: Annotated[Optional[str], typer.Option(help="PostgreSQL URL. Default: $DATABASE_URL, then libpq's PG* variables and ~/.pgpass.", show_default=False)] = None,
-    header: Annotated[bool, typer.Option("--header/--no-header", help="The first record names the columns.")] = True,
-    columns: Annotated[Optional[str], typer.Option(help="Target columns in file order, comma-separated. Default: the header's names, or with --no-header the table's columns.", show_default=False)] = None,
-    delimiter: Annotated[str, typer.Option(help="Field delimiter.")] = ",",
-    quote: Annotated[str, typer.Option(help="Quote character.")] = '"',
-    escape: Annotated[Optional[str], typer.Option(help="Escape character inside quotes. Default: the quote (doubled quotes).", show_default=False)] = None,
-    null: Annotated[str, typer.Option(help="Unquoted text that means NULL. Default: an unquoted empty field.", show_default=False)] = "",
-    encoding: Annotated[str, typer.Option(help="Encoding of the file.")] = "utf-8",
-    workers: Annotated[int, typer.Option("--workers", "-w", help="Connections, and batches loading at once.")] = DEFAULT_WORKERS,
-    batch_size: Annotated[int, typer.Option(help="Rows per batch (each batch is one transaction).")] = DEFAULT_BATCH_ROWS,
-    batch_bytes: Annotated[int, typer.Option(help="Bytes per batch at most; a batch ends at whichever limit comes first.")] = DEFAULT_BATCH_BYTES,
-    retries: Annotated[int, typer.Option(help="Retries of a batch after a transient failure (lost connection, restart, deadlock).")] = DEFAULT_RETRIES,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")] = False,
-) -> None:
-    """Load a CSV file into a PostgreSQL table."""
-    dialect = CsvDialect(delimiter=delimiter, quote=quote, escape=escape, null=null, encoding=encoding, header=header)
-    options = LoadOptions(
+# Options shared by `import` and `retry-rejects`, defined once.
+Table = Annotated[str, typer.Option("--table", "-t", help='Target table as in SQL: schema.table, "Quoted Names" keep their case.', show_default=False)]
+Dsn = Annotated[Optional[str], typer.Option(help="PostgreSQL URL. Default: $DATABASE_URL, then libpq's PG* variables and ~/.pgpass.", show_default=False)]
+Header = Annotated[bool, typer.Option("--header/--no-header", help="The first record names the columns.")]
+Columns = Annotated[Optional[str], typer.Option(help="Target columns in file order, comma-separated. Default: the header's names, or with --no-header the table's columns.", show_default=False)]
+Delimiter = Annotated[str, typer.Option(help="Field delimiter.")]
+Quote = Annotated[str, typer.Option(help="Quote character.")]
+Escape = Annotated[Optional[str], typer.Option(help="Escape character inside quotes. Default: the quote (doubled quotes).", show_default=False)]
+Null = Annotated[str, typer.Option(help="Unquoted text that means NULL. Default: an unquoted empty field.", show_default=False)]
+Encoding = Annotated[str, typer.Option(help="Encoding of the file.")]
+Workers = Annotated[int, typer.Option("--workers", "-w", help="Connections, and batches loading at once.")]
+BatchSize = Annotated[int, typer.Option(help="Rows per batch (each batch is one transaction).")]
+BatchBytes = Annotated[int, typer.Option(help="Bytes per batch at most; a batch ends at whichever limit comes first.")]
+Retries = Annotated[int, typer.Option(help="Retries of a batch after a transient failure (lost connection, restart, deadlock).")]
+Rejects = Annotated[Optional[str], typer.Option(help="Where rejected rows go (CSV: line, sqlstate, message, record). Default: next to the source, SOURCE.rejects.csv (stdin: ./stdin.rejects.csv).", show_default=False)]
+MaxErrors = Annotated[Optional[int], typer.Option(help="Stop (exit 1) once more than this many rows were rejected. Default: no limit.", show_default=False)]
+LedgerSchema = Annotated[str, typer.Option(help="Schema of the load ledger in the target database.")]
+Json = Annotated[bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")]
+
+
+def _options(
+    source: str,
+    *,
+    table: str,
+    dsn: str | None,
+    header: bool,
+    columns: str | None,
+    delimiter: str,
+    quote: str,
+    escape: str | None,
+    null: str,
+    encoding: str,
+    workers: int,
+    batch_size: int,
+    batch_bytes: int,
+    retries: int,
+    rejects: str | None,
+    max_errors: int | None,
+    ledger_schema: str,
+    json_output: bool = False,
+) -> LoadOptions:
+    """The command line's values as the library's frozen options (validated there)."""
+    return LoadOptions(
         source=source,
         table=table,
-        dialect=dialect,
+        dialect=CsvDialect(delimiter=delimiter, quote=quote, escape=escape, null=null, encoding=encoding, header=header),
         columns=_split_columns(columns),
         dsn=dsn,
         workers=workers,
         batch_rows=batch_size,
         batch_bytes=batch_bytes,
         retry=RetryPolicy(attempts=retries + 1),
+        rejects=rejects,
+        max_errors=max_errors,
+        ledger_schema=ledger_schema,
     )
+
+
+def _run(job: Coroutine[Any, Any, Report], json_output: bool) -> None:
     try:
-        report = asyncio.run(pipeline.load(options))
+        report = asyncio.run(job)
     except LoaderError as exc:
         if exc.report is not None:
             _print_report(exc.report, json_output)
@@ -88,7 +118,60 @@ def import_(
     raise typer.Exit(report.exit_code)
 
 
-def _print_report(report: pipeline.Report, json_output: bool) -> None:
+@app.command("import", epilog=EXIT_CODES)
+def import_(
+    source: Annotated[str, typer.Argument(help="CSV file to load (.gz is read transparently), or - for stdin.", show_default=False)],
+    table: Table,
+    dsn: Dsn = None,
+    header: Header = True,
+    columns: Columns = None,
+    delimiter: Delimiter = ",",
+    quote: Quote = '"',
+    escape: Escape = None,
+    null: Null = "",
+    encoding: Encoding = "utf-8",
+    workers: Workers = DEFAULT_WORKERS,
+    batch_size: BatchSize = DEFAULT_BATCH_ROWS,
+    batch_bytes: BatchBytes = DEFAULT_BATCH_BYTES,
+    retries: Retries = DEFAULT_RETRIES,
+    rejects: Rejects = None,
+    max_errors: MaxErrors = None,
+    ledger_schema: LedgerSchema = "loader",
+    json_output: Json = False,
+) -> None:
+    """Load a CSV file into a PostgreSQL table."""
+    _run(pipeline.load(_options(**locals())), json_output)
+
+
+@app.command("retry-rejects", epilog=EXIT_CODES)
+def retry_rejects(
+    rejects_file: Annotated[str, typer.Argument(help="A rejects file written by `loader import`, its records fixed.", show_default=False)],
+    table: Table,
+    dsn: Dsn = None,
+    header: Header = True,
+    columns: Columns = None,
+    delimiter: Delimiter = ",",
+    quote: Quote = '"',
+    escape: Escape = None,
+    null: Null = "",
+    encoding: Encoding = "utf-8",
+    workers: Workers = DEFAULT_WORKERS,
+    batch_size: BatchSize = DEFAULT_BATCH_ROWS,
+    batch_bytes: BatchBytes = DEFAULT_BATCH_BYTES,
+    retries: Retries = DEFAULT_RETRIES,
+    rejects: Rejects = None,
+    max_errors: MaxErrors = None,
+    ledger_schema: LedgerSchema = "loader",
+    json_output: Json = False,
+) -> None:
+    """Load the records of a rejects file (after fixing them) with the original load's options;
+    rows still refused go to REJECTS_FILE.rejects.csv."""
+    given = dict(locals())
+    source = given.pop("rejects_file")
+    _run(pipeline.retry_rejects(source, _options(source, **given)), json_output)
+
+
+def _print_report(report: Report, json_output: bool) -> None:
     print(report.summary(), file=sys.stderr)
     if json_output:
         print(json.dumps(report.to_dict()))

@@ -7,12 +7,14 @@ makes a retried batch, or a resumed load, never load a row twice.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import asyncpg
 
 from . import sql
 from .errors import UsageError, is_transient, server_message
+from .rejects import Reject
 
 
 class Ledger:
@@ -24,11 +26,14 @@ class Ledger:
         self._committed_sql = sql.render(sql.COMMITTED_BATCH, schema=schema)
         self._start_sql = sql.render(sql.START_LOAD, schema=schema)
         self._finish_sql = sql.render(sql.FINISH_LOAD, schema=schema)
+        self._set_counts_sql = sql.render(sql.SET_BATCH_COUNTS, schema=schema)
+        self._insert_reject_sql = sql.render(sql.INSERT_REJECT, schema=schema)
+        self._load_rejects_sql = sql.render(sql.LOAD_REJECTS, schema=schema)
 
     async def ensure(self, conn: asyncpg.Connection) -> None:
         """Create the ledger if it is missing; serialised so concurrent first loads do not race."""
-        batches = sql.qualified(self.schema, "batches")
-        if await conn.fetchval(sql.LEDGER_EXISTS, batches):
+        last_table = sql.qualified(self.schema, "rejects")  # the last one ledger.sql creates
+        if await conn.fetchval(sql.LEDGER_EXISTS, last_table):
             return
         try:
             async with conn.transaction():
@@ -57,6 +62,21 @@ class Ledger:
 
     async def committed(self, conn: asyncpg.Connection, load_id: str, batch_no: int) -> asyncpg.Record | None:
         return await conn.fetchrow(self._committed_sql, load_id, batch_no)
+
+    async def record_rejects(
+        self, conn: asyncpg.Connection, load_id: str, batch_no: int, loaded: int, rejects: Sequence[Reject]
+    ) -> None:
+        """In the batch's transaction: its real counts, and its refused rows."""
+        await conn.execute(self._set_counts_sql, load_id, batch_no, loaded, len(rejects))
+        await conn.executemany(
+            self._insert_reject_sql,
+            [(load_id, batch_no, r.line, r.sqlstate, r.message, r.record) for r in rejects],
+        )
+
+    async def rejects(self, conn: asyncpg.Connection, load_id: str) -> AsyncIterator[Reject]:
+        """Every row refused in this load, over all its runs, in source order (needs a transaction)."""
+        async for row in conn.cursor(self._load_rejects_sql, load_id, prefetch=1000):
+            yield Reject(row["line"], row["sqlstate"], row["message"], bytes(row["record"]))
 
     async def finish(
         self,

@@ -107,6 +107,10 @@ class LoadOptions:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     ledger_schema: str = "loader"
     application_name: str = "loader"
+    rejects: str | None = None  # rejects file; None: next to the source (see rejects.default_path)
+    max_errors: int | None = None  # stop once more rows than this were rejected; None: no limit
+    # For a source derived from another file (retry-rejects): the original line of each of its lines.
+    source_lines: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if not self.table.strip():
@@ -117,6 +121,8 @@ class LoadOptions:
             raise UsageError("--batch-size must be at least 1 row")
         if self.batch_bytes < 1024:
             raise UsageError("--batch-bytes must be at least 1024")
+        if self.max_errors is not None and self.max_errors < 0:
+            raise UsageError("--max-errors cannot be negative")
         if self.columns is not None:
             if not self.columns or any(not c for c in self.columns):
                 raise UsageError("--columns must name at least one column, with no empty names")

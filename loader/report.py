@@ -7,19 +7,17 @@ from typing import Any
 
 from .errors import EXIT_OK, EXIT_REJECTS
 
-MAX_KEPT_FAILURES = 100  # the report keeps the first ones; the counters count them all
+MAX_KEPT_REJECTS = 100  # the report keeps the first ones; the counters count them all
+SHOWN_REJECTS = 5
 
 
 @dataclass(frozen=True)
-class Failure:
-    """Rows the server refused, and why."""
+class RejectNote:
+    """A rejected row as the report tells it (the rejects file has the record itself)."""
 
-    first_line: int
-    last_line: int
-    rows: int
+    line: int
     sqlstate: str
     message: str
-    line: int | None  # the source line the server blamed, when it said
 
 
 @dataclass
@@ -32,27 +30,21 @@ class Report:
     rows_loaded: int = 0
     rows_rejected: int = 0
     batches: int = 0
-    batches_failed: int = 0
     retries: int = 0
     copies: int = 0
     elapsed_s: float = 0.0
-    failures: list[Failure] = field(default_factory=list)
+    rejects_file: str | None = None
+    rejects: list[RejectNote] = field(default_factory=list)
 
     def count_retry(self, _exc: BaseException) -> None:
         self.retries += 1
 
-    def add_loaded(self, rows: int) -> None:
+    def add_batch(self, rows_loaded: int, rows_rejected: int, rejects: list[RejectNote]) -> None:
         self.batches += 1
-        self.rows_read += rows
-        self.rows_loaded += rows
-
-    def add_failure(self, failure: Failure) -> None:
-        self.batches += 1
-        self.batches_failed += 1
-        self.rows_read += failure.rows
-        self.rows_rejected += failure.rows
-        if len(self.failures) < MAX_KEPT_FAILURES:
-            self.failures.append(failure)
+        self.rows_read += rows_loaded + rows_rejected
+        self.rows_loaded += rows_loaded
+        self.rows_rejected += rows_rejected
+        self.rejects.extend(rejects[: MAX_KEPT_REJECTS - len(self.rejects)])
 
     @property
     def rows_per_s(self) -> float:
@@ -70,18 +62,19 @@ class Report:
         return data
 
     def summary(self) -> str:
-        """One line for cron's mail, then one line per kept failure."""
+        """One line for cron's mail, then the first few rejects."""
         head = (
             f"loaded {self.rows_loaded:,} of {self.rows_read:,} rows into {self.table} "
             f"in {self.elapsed_s:.1f} s ({self.rows_per_s:,.0f} rows/s); "
             f"{self.batches} batches, {self.retries} retries"
         )
         if self.rows_rejected:
-            head += f", {self.rows_rejected:,} rows not loaded ({self.batches_failed} batches refused)"
+            head += f"; {self.rows_rejected:,} rows rejected"
+            if self.rejects_file:
+                head += f", written to {self.rejects_file}"
         lines = [head]
-        for f in self.failures[:10]:
-            at = f" (line {f.line})" if f.line else ""
-            lines.append(f"  lines {f.first_line}-{f.last_line}: {f.sqlstate} {f.message}{at}")
-        if self.batches_failed > 10:
-            lines.append(f"  ... and {self.batches_failed - 10} more refused batches (see --json)")
+        for note in sorted(self.rejects, key=lambda n: n.line)[:SHOWN_REJECTS]:
+            lines.append(f"  line {note.line}: {note.sqlstate} {note.message}")
+        if self.rows_rejected > SHOWN_REJECTS:
+            lines.append(f"  ... and {self.rows_rejected - SHOWN_REJECTS:,} more")
         return "\n".join(lines)

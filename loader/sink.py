@@ -17,8 +17,10 @@ import asyncpg
 from . import sql
 from .batching import Batch
 from .errors import LoaderError, UsageError, is_data_error, is_transient, server_message, sqlstate
+from .isolate import isolate, split_records
 from .ledger import Ledger
 from .options import CsvDialect, LoadOptions, RetryPolicy
+from .rejects import Reject
 from .retry import retrying
 
 _WRITABLE_RELKINDS = {"r": "table", "p": "partitioned table", "f": "foreign table"}
@@ -142,18 +144,13 @@ async def resolve_target(conn: asyncpg.Connection, table: str) -> Target:
 
 
 @dataclass(frozen=True)
-class Loaded:
-    rows: int
-    already: bool  # committed by an earlier attempt or run; nothing was written now
+class Outcome:
+    """What became of one batch."""
 
-
-@dataclass(frozen=True)
-class Refused:
-    """The server refused the batch's data; the whole batch was rolled back."""
-
-    sqlstate: str
-    message: str
-    record: int | None  # 1-based record within the batch that the server blamed, when it said
+    rows_loaded: int
+    rows_rejected: int
+    rejects: list[Reject]  # refused now (empty when an earlier attempt or run committed it)
+    already: bool = False  # committed by an earlier attempt or run; nothing was written now
 
 
 class Sink:
@@ -174,6 +171,7 @@ class Sink:
         self.target = target
         self.columns = columns
         self._ledger = ledger
+        self._dialect = dialect
         self._load_id = load_id
         self._retry = retry
         self._on_retry = on_retry
@@ -216,57 +214,89 @@ class Sink:
             finally:
                 self.copies -= 1
 
-    async def load(self, batch: Batch) -> Loaded | Refused:
-        """Load one batch, retrying transient failures; bad data is a result, anything else fatal.
+    async def load(self, batch: Batch) -> Outcome:
+        """Load one batch, retrying transient failures; rows the server refuses become rejects.
 
         Exactly once, even when a commit's outcome is unknown (the connection died during
         COMMIT): every attempt first claims the batch's ledger row in its own transaction.
         If an earlier attempt committed, the claim finds the row and the attempt writes
         nothing; if that attempt is still in progress on the server, the claim waits on the
         row's unique index until it commits or rolls back, and then does the right thing.
+
+        The fast path is one COPY of the batch's bytes. Only when the server refuses the data
+        does the batch go, in a new transaction, through `isolate`, which loads the good rows
+        and returns the bad ones, recorded in the ledger in that same transaction.
         """
+        refusal: BaseException | None = None
         try:
             async for attempt in retrying(self._retry, self._on_retry):
                 with attempt:
-                    return await self._load_once(batch)
+                    if refusal is None:
+                        try:
+                            return await self._load_fast(batch)
+                        except Exception as exc:
+                            if not is_data_error(exc):
+                                raise
+                            refusal = exc
+                    return await self._load_isolating(batch, refusal)
         except LoaderError:
             raise
         except Exception as exc:
-            state = sqlstate(exc)
-            if state is not None and is_data_error(exc):
-                return Refused(state, server_message(exc), copy_line(exc))
             where = f"lines {batch.first_line}-{batch.last_line}"
             if is_transient(exc):
                 reason = " ".join(str(exc).split()) or type(exc).__name__
                 raise LoaderError(f"{where}: gave up after {self._retry.attempts} attempts: {reason}") from exc
             if isinstance(exc, asyncpg.PostgresError):
-                raise LoaderError(f"{where}: {state} {server_message(exc)}") from exc
+                raise LoaderError(f"{where}: {sqlstate(exc)} {server_message(exc)}") from exc
             raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _load_once(self, batch: Batch) -> Loaded:
+    async def _claim(self, conn: asyncpg.Connection, batch: Batch) -> Outcome | None:
+        """Claim the batch's ledger row; an Outcome when an earlier attempt or run already did."""
+        claimed = await conn.fetchval(
+            self._ledger.claim_sql,
+            self._load_id,
+            batch.number,
+            batch.first_line,
+            batch.offset,
+            len(batch.data),
+            batch.rows,
+            batch.checksum,
+        )
+        if claimed:
+            return None
+        row = await self._ledger.committed(conn, self._load_id, batch.number)
+        return Outcome(row["rows_loaded"], row["rows_rejected"], [], already=True)
+
+    async def _load_fast(self, batch: Batch) -> Outcome:
         async with self._pool.acquire() as conn:
             async with conn.transaction():
-                claimed = await conn.fetchval(
-                    self._ledger.claim_sql,
-                    self._load_id,
-                    batch.number,
-                    batch.first_line,
-                    batch.offset,
-                    len(batch.data),
-                    batch.rows,
-                    batch.checksum,
-                )
-                if not claimed:
-                    row = await self._ledger.committed(conn, self._load_id, batch.number)
-                    return Loaded(rows=row["rows_loaded"] if row else 0, already=True)
+                done = await self._claim(conn, batch)
+                if done is not None:
+                    return done
                 rows = await self._copy(conn, batch.data)
                 if rows != batch.rows:
                     raise LoaderError(
                         f"lines {batch.first_line}-{batch.last_line}: the server loaded {rows} rows where "
                         f"the loader counted {batch.rows}; rolled back (is there a line \\. in the data?)"
                     )
-                return Loaded(rows=rows, already=False)
+                return Outcome(rows, 0, [])
+
+    async def _load_isolating(self, batch: Batch, refusal: BaseException) -> Outcome:
+        records = split_records(batch, self._dialect)
+        async with self._pool.acquire() as conn:
+            async with conn.transaction():
+                done = await self._claim(conn, batch)
+                if done is not None:
+                    return done
+
+                async def copy_in_savepoint(data: bytes) -> int:
+                    async with conn.transaction():
+                        return await self._copy(conn, data)
+
+                loaded, rejects = await isolate(records, copy_in_savepoint, copy_line, refusal)
+                await self._ledger.record_rejects(conn, self._load_id, batch.number, loaded, rejects)
+                return Outcome(loaded, len(rejects), rejects)
 
 
 class _Rollback(Exception):

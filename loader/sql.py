@@ -80,6 +80,18 @@ COMMITTED_BATCH = """
 SELECT rows_loaded, rows_rejected, checksum FROM {schema}.batches WHERE load_id = $1 AND batch_no = $2
 """
 
+SET_BATCH_COUNTS = """
+UPDATE {schema}.batches SET rows_loaded = $3, rows_rejected = $4 WHERE load_id = $1 AND batch_no = $2
+"""
+
+INSERT_REJECT = """
+INSERT INTO {schema}.rejects (load_id, batch_no, line, sqlstate, message, record) VALUES ($1, $2, $3, $4, $5, $6)
+"""
+
+LOAD_REJECTS = """
+SELECT line, sqlstate, message, record FROM {schema}.rejects WHERE load_id = $1 ORDER BY line
+"""
+
 FINISH_LOAD = """
 UPDATE {schema}.loads
    SET state = $2, finished_at = now(), rows_read = $3, rows_loaded = $4, rows_rejected = $5, message = $6

@@ -32,3 +32,16 @@ CREATE TABLE IF NOT EXISTS {schema}.batches (
     committed_at   timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (load_id, batch_no)
 );
+
+-- Rows the server refused, kept with their batch so that they too are recorded exactly
+-- once; the rejects file is written from here at the end of every run.
+CREATE TABLE IF NOT EXISTS {schema}.rejects (
+    load_id        text NOT NULL,
+    batch_no       integer NOT NULL,
+    line           bigint NOT NULL,
+    sqlstate       text NOT NULL,
+    message        text NOT NULL,
+    record         bytea NOT NULL,            -- the raw record, as in the source
+    PRIMARY KEY (load_id, line),
+    FOREIGN KEY (load_id, batch_no) REFERENCES {schema}.batches ON DELETE CASCADE
+);

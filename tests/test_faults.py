@@ -13,7 +13,7 @@ from loader import CsvDialect, LoadOptions
 from loader.batching import Batcher
 from loader.ledger import Ledger
 from loader.options import RetryPolicy
-from loader.sink import Sink, open_pool, resolve_target
+from loader.sink import Outcome, Sink, open_pool, resolve_target
 from loader.source import open_source
 
 SLOW_EVENTS = """
@@ -57,7 +57,7 @@ def test_a_batch_committed_by_an_earlier_attempt_is_not_loaded_again(db: Db, tmp
     csv = tmp_path / "t.csv"
     csv.write_text("id,name\n1,a\n2,b\n3,c\n")
 
-    async def twice() -> tuple[object, object]:
+    async def twice() -> tuple[Outcome, Outcome]:
         options = LoadOptions(source=str(csv), table="t", dsn=db.dsn, workers=1)
         pool = await open_pool(options)
         try:
@@ -77,8 +77,8 @@ def test_a_batch_committed_by_an_earlier_attempt_is_not_loaded_again(db: Db, tmp
             await pool.close()
 
     first, second = asyncio.run(twice())
-    assert (first.rows, first.already) == (3, False)  # type: ignore[attr-defined]
-    assert (second.rows, second.already) == (3, True)  # type: ignore[attr-defined]
+    assert (first.rows_loaded, first.already) == (3, False)
+    assert (second.rows_loaded, second.already) == (3, True)
     assert db.value("SELECT count(*) FROM t") == 3
 
 
