@@ -1,0 +1,175 @@
+"""Bad input: every bad row is rejected with its line and reason, every good row loads."""
+
+from __future__ import annotations
+
+import csv
+import io
+import random
+from pathlib import Path
+
+import pytest
+from conftest import Db
+
+TABLE = """
+CREATE TABLE items (
+    id int PRIMARY KEY,
+    qty int NOT NULL CHECK (qty >= 0),
+    day date,
+    at timestamptz,
+    name text
+)
+"""
+HEADER = "id,qty,day,at,name"
+
+
+def good(i: int) -> str:
+    return f'{i},{i % 50},2024-01-{1 + i % 28:02d},2024-01-01 10:00:00+00,"item ""{i}""\nsecond line"'
+
+
+def rejects_of(path: Path) -> list[tuple[int, str, bytes]]:
+    """(line, sqlstate, record) of each rejected row; the header row is skipped."""
+    rows = list(csv.reader(io.StringIO(path.read_bytes().decode("latin-1"), newline="")))
+    assert rows[0] == ["line", "sqlstate", "message", "record"]
+    return [(int(r[0]), r[1], r[3].encode("latin-1")) for r in rows[1:] if r[1]]
+
+
+def write_lines(path: Path, records: list[bytes]) -> dict[int, bytes]:
+    """Write the records after the header; returns each record's starting line."""
+    starts: dict[int, bytes] = {}
+    line = 2
+    with open(path, "wb") as fh:
+        fh.write(HEADER.encode() + b"\n")
+        for record in records:
+            starts[line] = record
+            fh.write(record + b"\n")
+            line += record.count(b"\n") + 1
+    return starts
+
+
+BAD_ROWS = [
+    # (what is wrong, the record, the SQLSTATE the server gives)
+    ("too few columns", b"{i},1,2024-01-01", "22P04"),
+    ("too many columns", b"{i},1,2024-01-01,2024-01-01 00:00:00+00,x,extra", "22P04"),
+    ("bad integer", b"{i},many,2024-01-01,,x", "22P02"),
+    ("bad date", b"{i},1,2024-02-30,,x", "22008"),
+    ("bad timestamp", b"{i},1,2024-01-01,yesterday-ish,x", "22007"),
+    ("invalid utf-8", b"{i},1,2024-01-01,,caf\xe9", "22021"),
+    ("check violation", b"{i},-5,2024-01-01,,x", "23514"),
+    ("not null violation", b"{i},,2024-01-01,,x", "23502"),
+    ("duplicate key", b"1,1,2024-01-01,,dup", "23505"),
+]
+
+
+@pytest.mark.parametrize(("problem", "bad", "state"), BAD_ROWS, ids=[c[0] for c in BAD_ROWS])
+@pytest.mark.parametrize("position", ["first", "middle", "last"])
+def test_a_bad_row_is_rejected_with_its_line_and_reason(
+    db: Db, tmp_path: Path, problem: str, bad: bytes, state: str, position: str
+) -> None:
+    db.sql(TABLE)
+    records = [good(i).encode() for i in range(1, 21)]
+    at = {"first": 10, "middle": 14, "last": 19}[position]  # batches of 10: rows 10..19 are the 2nd batch
+    records.insert(at, bad.replace(b"{i}", b"1000"))
+    starts = write_lines(tmp_path / "items.csv", records)
+    bad_line = [line for line, rec in starts.items() if rec == records[at]][0]
+    # One worker: batches commit in file order, so the first of two duplicate keys wins.
+    run = db.loader("import", "items.csv", "-t", "items", "--batch-size", "10", "--workers", "1", "--json")
+    assert run.code == 3, run.stderr
+    report = run.json()
+    assert (report["rows_read"], report["rows_loaded"], report["rows_rejected"]) == (21, 20, 1)
+    assert rejects_of(tmp_path / "items.csv.rejects.csv") == [(bad_line, state, records[at])]
+    assert db.value("SELECT count(*) FROM items") == 20
+    assert f"line {bad_line}: {state}" in run.stderr
+
+
+def test_duplicate_keys_within_and_across_batches_are_rejected(db: Db, tmp_path: Path) -> None:
+    db.sql(TABLE)
+    records = [good(i).encode() for i in range(1, 31)]
+    records.insert(8, good(3).encode())  # within the first batch of 10
+    records += [good(5).encode(), good(25).encode()]  # across batches
+    starts = write_lines(tmp_path / "items.csv", records)
+    run = db.loader("import", "items.csv", "-t", "items", "--batch-size", "10", "--workers", "1")
+    assert run.code == 3
+    seen: set[bytes] = set()
+    expected = [line for line, rec in starts.items() if rec in seen or seen.add(rec)]  # second occurrences
+    assert [(r[0], r[1]) for r in rejects_of(tmp_path / "items.csv.rejects.csv")] == [(line, "23505") for line in expected]
+    assert db.value("SELECT count(*) FROM items") == 30
+
+
+def test_a_file_whose_every_row_is_bad_loads_nothing_and_rejects_all(db: Db, tmp_path: Path) -> None:
+    db.sql(TABLE)
+    write_lines(tmp_path / "items.csv", [f"{i},lots,,,x".encode() for i in range(1, 51)])
+    run = db.loader("import", "items.csv", "-t", "items", "--batch-size", "7", "--json")
+    assert run.code == 3
+    assert (run.json()["rows_loaded"], run.json()["rows_rejected"]) == (0, 50)
+    assert [r[0] for r in rejects_of(tmp_path / "items.csv.rejects.csv")] == list(range(2, 52))
+
+
+def test_many_scattered_bad_rows_in_a_large_file(db: Db, tmp_path: Path) -> None:
+    """200,000 rows, 0.1% bad at known lines: exactly those are rejected, all others load."""
+    db.sql("CREATE TABLE big (id int PRIMARY KEY, v int)")
+    rnd = random.Random(5)
+    bad_ids = set(rnd.sample(range(1, 200_001), 200))
+    path = tmp_path / "big.csv"
+    with open(path, "w") as fh:
+        fh.write("id,v\n")
+        for i in range(1, 200_001):
+            fh.write(f"{i},{'x' if i in bad_ids else i}\n")
+    run = db.loader("import", str(path), "-t", "big", "--workers", "2", "--json")
+    assert run.code == 3, run.stderr
+    report = run.json()
+    assert (report["rows_read"], report["rows_loaded"], report["rows_rejected"]) == (200_000, 199_800, 200)
+    assert sorted(r[0] for r in rejects_of(tmp_path / "big.csv.rejects.csv")) == sorted(i + 1 for i in bad_ids)
+    assert db.value("SELECT count(*) FROM big") == 199_800
+    assert db.value("SELECT count(*) FROM big WHERE id = ANY($1::int[])", list(bad_ids)) == 0
+
+
+def test_a_clean_file_loads_with_one_copy_per_batch(db: Db, tmp_path: Path) -> None:
+    db.sql("CREATE TABLE clean (id int, v text)")
+    path = tmp_path / "clean.csv"
+    path.write_text("id,v\n" + "".join(f'{i},"v,{i}"\n' for i in range(100_000)))
+    run = db.loader("import", str(path), "-t", "clean", "--batch-size", "10000", "--json")
+    report = run.json()
+    assert run.code == 0
+    assert report["batches"] == report["copies"] == 10
+    # The server agrees: every row was inserted once, none was sent twice.
+    assert db.value("SELECT n_tup_ins FROM pg_stat_user_tables WHERE relname = 'clean'") in (0, 100_000)
+    assert db.value("SELECT count(*) FROM clean") == 100_000
+
+
+def test_max_errors_stops_the_load_and_keeps_committed_batches(db: Db, tmp_path: Path) -> None:
+    db.sql(TABLE)
+    records = [(good(i) if i % 10 else f"{i},bad,,,x").encode() for i in range(1, 201)]
+    write_lines(tmp_path / "items.csv", records)
+    run = db.loader("import", "items.csv", "-t", "items", "--batch-size", "20", "--workers", "1", "--max-errors", "5", "--json")
+    assert run.code == 1
+    assert "more than --max-errors 5" in run.stderr
+    report = run.json()
+    assert report["rows_rejected"] == 6
+    assert db.value("SELECT count(*) FROM items") == report["rows_loaded"] == 54
+    assert len(rejects_of(tmp_path / "items.csv.rejects.csv")) == 6
+
+
+def test_retry_rejects_loads_the_fixed_rows_and_keeps_the_still_bad_ones(db: Db, tmp_path: Path) -> None:
+    db.sql(TABLE)
+    records = [good(i).encode() for i in range(1, 11)]
+    records[3] = b"4,four,2024-01-01,,x"
+    records[6] = b'7,7,2024-13-01,,"multi\nline"'
+    starts = write_lines(tmp_path / "items.csv", records)
+    assert db.loader("import", "items.csv", "-t", "items").code == 3
+    rejects = tmp_path / "items.csv.rejects.csv"
+    fixed = rejects.read_bytes().replace(b"4,four,", b"4,4,")  # the user fixes one of the two
+    rejects.write_bytes(fixed)
+    run = db.loader("retry-rejects", str(rejects), "-t", "items", "--json")
+    assert run.code == 3, run.stderr
+    assert (run.json()["rows_loaded"], run.json()["rows_rejected"]) == (1, 1)
+    still_bad = rejects_of(tmp_path / "items.csv.rejects.csv.rejects.csv")
+    line_of_7 = [line for line, rec in starts.items() if rec.startswith(b"7,")][0]
+    assert still_bad == [(line_of_7, "22008", records[6])]  # under its line in the original file
+    assert db.value("SELECT count(*) FROM items") == 9
+
+
+def test_rejects_of_stdin_go_to_the_working_directory(db: Db, tmp_path: Path) -> None:
+    db.sql("CREATE TABLE t (id int)")
+    run = db.loader("import", "-", "-t", "t", input=b"id\n1\nx\n3\n")
+    assert run.code == 3
+    assert rejects_of(tmp_path / "stdin.rejects.csv") == [(3, "22P02", b"x")]
