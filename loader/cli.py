@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import logging
 import os
+import signal
 import sys
-from collections.abc import Coroutine
+from datetime import datetime
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, NoReturn, Optional
 
 import typer
@@ -67,6 +70,11 @@ Rejects = Annotated[Optional[str], typer.Option(help="Where rejected rows go (CS
 MaxErrors = Annotated[Optional[int], typer.Option(help="Stop (exit 1) once more than this many rows were rejected. Default: no limit.", show_default=False)]
 LedgerSchema = Annotated[str, typer.Option(help="Schema of the load ledger in the target database.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")]
+LoadId = Annotated[Optional[str], typer.Option("--load-id", help="Name the load, so that a run from stdin can resume (files resume without it).", show_default=False)]
+Restart = Annotated[bool, typer.Option("--restart", help="Start a new load even though an unfinished one exists (rows it committed stay in the table).")]
+Force = Annotated[bool, typer.Option("--force", help="Load again a source that was fully loaded before, as a new load.")]
+WaitLock = Annotated[float, typer.Option("--wait-lock", help="Seconds to wait while another load of the table runs, before exiting 75.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Say what the load is doing (start, resume, retries), not only the summary.")]
 
 
 def _options(
@@ -88,7 +96,12 @@ def _options(
     rejects: str | None,
     max_errors: int | None,
     ledger_schema: str,
+    load_id: str | None = None,
+    restart: bool = False,
+    force: bool = False,
+    wait_lock: float = 0.0,
     json_output: bool = False,
+    verbose: bool = False,
 ) -> LoadOptions:
     """The command line's values as the library's frozen options (validated there)."""
     return LoadOptions(
@@ -104,12 +117,34 @@ def _options(
         rejects=rejects,
         max_errors=max_errors,
         ledger_schema=ledger_schema,
+        load_name=load_id,
+        restart=restart,
+        force=force,
+        wait_lock=wait_lock,
     )
 
 
-def _run(job: Coroutine[Any, Any, Report], json_output: bool) -> None:
+async def _with_signals(job: Callable[[asyncio.Event], Coroutine[Any, Any, Report]]) -> Report:
+    """SIGINT/SIGTERM once: stop cleanly (in-flight batches finish, the next run resumes);
+    twice: exit at once (the ledger still guarantees the next run resumes exactly)."""
+    interrupt = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if interrupt.is_set():
+            log(f"loader: {signal.Signals(signum).name} again: exiting now")
+            os._exit(EXIT_FATAL)
+        log(f"loader: {signal.Signals(signum).name}: stopping after the batches in flight (again to exit now)")
+        interrupt.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    return await job(interrupt)
+
+
+def _run(job: Callable[[asyncio.Event], Coroutine[Any, Any, Report]], json_output: bool) -> None:
     try:
-        report = asyncio.run(job)
+        report = asyncio.run(_with_signals(job))
     except LoaderError as exc:
         if exc.report is not None:
             _print_report(exc.report, json_output)
@@ -137,10 +172,18 @@ def import_(
     rejects: Rejects = None,
     max_errors: MaxErrors = None,
     ledger_schema: LedgerSchema = "loader",
+    load_id: LoadId = None,
+    restart: Restart = False,
+    force: Force = False,
+    wait_lock: WaitLock = 0.0,
     json_output: Json = False,
+    verbose: Verbose = False,
 ) -> None:
-    """Load a CSV file into a PostgreSQL table."""
-    _run(pipeline.load(_options(**locals())), json_output)
+    """Load a CSV file into a PostgreSQL table, exactly once: a re-run resumes an unfinished
+    load, and does nothing for a finished one."""
+    options = _options(**locals())
+    _setup_logging(verbose)
+    _run(lambda interrupt: pipeline.load(options, interrupt), json_output)
 
 
 @app.command("retry-rejects", epilog=EXIT_CODES)
@@ -162,23 +205,74 @@ def retry_rejects(
     rejects: Rejects = None,
     max_errors: MaxErrors = None,
     ledger_schema: LedgerSchema = "loader",
+    wait_lock: WaitLock = 0.0,
     json_output: Json = False,
 ) -> None:
     """Load the records of a rejects file (after fixing them) with the original load's options;
     rows still refused go to REJECTS_FILE.rejects.csv."""
     given = dict(locals())
     source = given.pop("rejects_file")
-    _run(pipeline.retry_rejects(source, _options(source, **given)), json_output)
+    options = _options(source, **given)
+    _setup_logging(False)
+    _run(lambda interrupt: pipeline.retry_rejects(source, options, interrupt), json_output)
+
+
+def _setup_logging(verbose: bool) -> None:
+    """The library logs through `logging`; here it goes to stderr, stamped unless on a terminal."""
+    handler = logging.StreamHandler(sys.stderr)
+    stamp = "" if sys.stderr.isatty() else "%(asctime)s "
+    handler.setFormatter(logging.Formatter(stamp + "%(message)s", "%Y-%m-%dT%H:%M:%S%z"))
+    logger = logging.getLogger("loader")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    logger.propagate = False
+
+
+@app.command("status")
+def status_(
+    table: Annotated[Optional[str], typer.Option("--table", "-t", help="Only loads into this table.", show_default=False)] = None,
+    dsn: Dsn = None,
+    limit: Annotated[int, typer.Option(help="How many loads, newest first.")] = 20,
+    ledger_schema: LedgerSchema = "loader",
+    json_output: Json = False,
+) -> None:
+    """Show recent loads from the ledger: source, table, state, rows, started, duration."""
+    options = LoadOptions(source="-", table=table or "-", dsn=dsn, workers=1, ledger_schema=ledger_schema)
+    loads = asyncio.run(pipeline.status(options, table, limit))
+    if json_output:
+        print(json.dumps(loads))
+        return
+    if not loads:
+        print("no loads recorded yet", file=sys.stderr)
+        return
+    columns = ("started", "state", "table", "rows_loaded", "rows_rejected", "seconds", "runs", "source")
+    cells = [[_cell(load[c]) for c in columns] for load in loads]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    for row in [list(columns), *cells]:
+        print("  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip())
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, str) and len(value) >= 19 and value[4:5] == "-" and value[10:11] == "T":
+        return value[:19].replace("T", " ")
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def log(message: str) -> None:
+    """A line on stderr; with a timestamp when stderr is not a terminal (cron mail, log files)."""
+    if not sys.stderr.isatty():
+        message = "\n".join(f"{datetime.now().astimezone():%Y-%m-%dT%H:%M:%S%z} {line}" for line in message.splitlines())
+    print(message, file=sys.stderr, flush=True)
 
 
 def _print_report(report: Report, json_output: bool) -> None:
-    print(report.summary(), file=sys.stderr)
+    log(report.summary())
     if json_output:
-        print(json.dumps(report.to_dict()))
+        print(json.dumps(report.to_dict()), flush=True)
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    print(f"loader: error: {message}", file=sys.stderr)
+    log(f"loader: error: {message}")
     sys.exit(code)
 
 

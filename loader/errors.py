@@ -1,7 +1,9 @@
 """The loader's exceptions, and how server errors are classified.
 
     LoaderError           exit 1: the load could not finish
+    ├── Interrupted       exit 1: stopped by SIGINT/SIGTERM; the next run resumes
     ├── UsageError        exit 2: a mistake in the command, the file or the target; nothing was loaded
+    │   └── SourceChanged exit 2: the file is not what an earlier run of this load committed
     └── TryAgainLater     exit 75: not now (table locked by another load, deadline reached); resumable
 
 Each carries a one-line, user-facing message. They are raised where the problem is
@@ -43,6 +45,14 @@ class TryAgainLater(LoaderError):
     """The load cannot run now but a later run will resume it (cron's EX_TEMPFAIL)."""
 
     exit_code = EXIT_TEMPFAIL
+
+
+class SourceChanged(UsageError):
+    """The source is not what an earlier run of the same load committed; resuming would corrupt it."""
+
+
+class Interrupted(LoaderError):
+    """Stopped by a signal; committed batches stay, and the next run resumes."""
 
 
 # SQLSTATE classes (first two characters) and codes that a later attempt can cure:

@@ -6,14 +6,16 @@ makes a retried batch, or a resumed load, never load a row twice.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import asyncpg
 
 from . import sql
-from .errors import UsageError, is_transient, server_message
+from .errors import TryAgainLater, UsageError, is_transient, server_message
 from .rejects import Reject
 
 
@@ -29,11 +31,16 @@ class Ledger:
         self._set_counts_sql = sql.render(sql.SET_BATCH_COUNTS, schema=schema)
         self._insert_reject_sql = sql.render(sql.INSERT_REJECT, schema=schema)
         self._load_rejects_sql = sql.render(sql.LOAD_REJECTS, schema=schema)
+        self._latest_sql = sql.render(sql.LATEST_LOAD, schema=schema)
+        self._resume_sql = sql.render(sql.RESUME_LOAD, schema=schema)
+        self._committed_batches_sql = sql.render(sql.COMMITTED_BATCHES, schema=schema)
+        self._recent_sql = sql.render(sql.RECENT_LOADS, schema=schema)
+        self.boundaries_sql = sql.render(sql.LOAD_BOUNDARIES, schema=schema)
+        self.count_rejects_sql = sql.render(sql.COUNT_REJECTS, schema=schema)
 
     async def ensure(self, conn: asyncpg.Connection) -> None:
         """Create the ledger if it is missing; serialised so concurrent first loads do not race."""
-        last_table = sql.qualified(self.schema, "rejects")  # the last one ledger.sql creates
-        if await conn.fetchval(sql.LEDGER_EXISTS, last_table):
+        if await self.exists(conn):
             return
         try:
             async with conn.transaction():
@@ -49,16 +56,35 @@ class Ledger:
                 "(grant CREATE, or have an owner run sql/ledger.sql; see --ledger-schema)"
             ) from None
 
+    async def exists(self, conn: asyncpg.Connection) -> bool:
+        return bool(await conn.fetchval(sql.LEDGER_EXISTS, sql.qualified(self.schema, "rejects")))
+
     async def start(
         self,
         conn: asyncpg.Connection,
         load_id: str,
+        load_key: str | None,
         target: str,
         source: str,
         source_size: int | None,
+        source_mtime: float | None,
         boundaries: dict[str, Any],
     ) -> None:
-        await conn.execute(self._start_sql, load_id, target, source, source_size, json.dumps(boundaries))
+        await conn.execute(
+            self._start_sql, load_id, load_key, target, source, source_size, source_mtime, json.dumps(boundaries)
+        )
+
+    async def latest(self, conn: asyncpg.Connection, load_key: str) -> asyncpg.Record | None:
+        return await conn.fetchrow(self._latest_sql, load_key)
+
+    async def resume(self, conn: asyncpg.Connection, load_id: str, size: int | None, mtime: float | None) -> None:
+        await conn.execute(self._resume_sql, load_id, size, mtime)
+
+    async def committed_batches(self, conn: asyncpg.Connection, load_id: str) -> dict[int, asyncpg.Record]:
+        return {r["batch_no"]: r for r in await conn.fetch(self._committed_batches_sql, load_id)}
+
+    async def recent(self, conn: asyncpg.Connection, table: str | None, limit: int) -> list[asyncpg.Record]:
+        return await conn.fetch(self._recent_sql, table, limit)
 
     async def committed(self, conn: asyncpg.Connection, load_id: str, batch_no: int) -> asyncpg.Record | None:
         return await conn.fetchrow(self._committed_sql, load_id, batch_no)
@@ -83,9 +109,20 @@ class Ledger:
         conn: asyncpg.Connection,
         load_id: str,
         state: str,
-        rows_read: int,
-        rows_loaded: int,
-        rows_rejected: int,
         message: str | None,
     ) -> None:
-        await conn.execute(self._finish_sql, load_id, state, rows_read, rows_loaded, rows_rejected, message)
+        await conn.execute(self._finish_sql, load_id, state, message)
+
+
+async def lock_table(conn: asyncpg.Connection, table_oid: int, table: str, wait: float) -> None:
+    """Take the table's load lock on this session (a crash releases it), waiting up to `wait` s."""
+    deadline = time.monotonic() + wait
+    while not await conn.fetchval(sql.TRY_TABLE_LOCK, table_oid):
+        if time.monotonic() >= deadline:
+            holder = await conn.fetchrow(sql.TABLE_LOCK_HOLDER, table_oid)
+            who = f" (server pid {holder['pid']}, connected {holder['backend_start']:%Y-%m-%d %H:%M:%S %Z})" if holder else ""
+            waited = f" after waiting {wait:g} s" if wait else ""
+            raise TryAgainLater(
+                f"another load of {table} is running{who}{waited}; try again later, or pass --wait-lock SECONDS"
+            )
+        await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))

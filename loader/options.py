@@ -111,6 +111,10 @@ class LoadOptions:
     max_errors: int | None = None  # stop once more rows than this were rejected; None: no limit
     # For a source derived from another file (retry-rejects): the original line of each of its lines.
     source_lines: tuple[int, ...] | None = None
+    load_name: str | None = None  # --load-id: names the load, so that stdin can resume
+    restart: bool = False  # start a new load even though an unfinished one exists
+    force: bool = False  # load again a source that was fully loaded
+    wait_lock: float = 0.0  # seconds to wait for another load of the table to finish
 
     def __post_init__(self) -> None:
         if not self.table.strip():
@@ -121,6 +125,10 @@ class LoadOptions:
             raise UsageError("--batch-size must be at least 1 row")
         if self.batch_bytes < 1024:
             raise UsageError("--batch-bytes must be at least 1024")
+        if self.wait_lock < 0:
+            raise UsageError("--wait-lock cannot be negative")
+        if self.load_name is not None and not self.load_name.strip():
+            raise UsageError("--load-id cannot be empty")
         if self.max_errors is not None and self.max_errors < 0:
             raise UsageError("--max-errors cannot be negative")
         if self.columns is not None:

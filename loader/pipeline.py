@@ -11,24 +11,31 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import json
+import logging
 import os
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
 
 from . import rejects as rejects_file
 from .batching import Batch, Batcher, parse_header
-from .errors import LoaderError, UsageError
-from .ledger import Ledger
+from .errors import Interrupted, LoaderError, SourceChanged, UsageError
+from .ledger import Ledger, lock_table
 from .options import LoadOptions
 from .rejects import Reject
 from .report import RejectNote, Report
-from .sink import Sink, Target, open_pool, resolve_target
+from .sink import Sink, Target, connect, open_pool, resolve_target
 from .source import Source, open_source
+
+
+log = logging.getLogger("loader")
 
 
 def _columns(options: LoadOptions, target: Target, header: list[str] | None) -> tuple[str, ...]:
@@ -61,10 +68,36 @@ def _source_name(source: Source) -> str:
     return "-" if source.is_stdin else os.path.abspath(source.name)
 
 
+def _load_key(options: LoadOptions, source: Source, target: Target) -> str | None:
+    """Runs of the same command on the same source and table are one load; None: not resumable."""
+    if options.load_name is not None:
+        identity = "name:" + options.load_name
+    elif source.is_stdin:
+        return None
+    else:
+        identity = "file:" + os.path.realpath(source.name)
+    return hashlib.sha256(f"{identity}\0{target.oid}".encode()).hexdigest()[:32]
+
+
+def _mtime(source: Source) -> float | None:
+    return None if source.is_stdin else os.stat(source.name).st_mtime
+
+
+@dataclass
+class _Plan:
+    load_id: str
+    committed: dict[int, asyncpg.Record]  # batches earlier runs committed: skip them after checking
+    verify_only: bool = False  # the load succeeded before: only check that the source is unchanged
+    nothing_to_do: str | None = None  # why this run has no work
+
+
 class _Load:
     """The state of one run: options, source, pool, ledger, report."""
 
-    def __init__(self, options: LoadOptions, source: Source, pool: asyncpg.Pool, report: Report) -> None:
+    def __init__(
+        self, options: LoadOptions, source: Source, pool: asyncpg.Pool, report: Report, on_retry: Callable[[BaseException], None]
+    ) -> None:
+        self.on_retry = on_retry
         self.options = options
         self.source = source
         self.pool = pool
@@ -77,69 +110,140 @@ class _Load:
         lines = self.options.source_lines
         return lines[line - 1] if lines is not None and 0 < line <= len(lines) else line
 
-    async def run(self, batcher: Batcher, header_fields: list[str] | None) -> None:
+    async def _plan(self, conn: asyncpg.Connection, key: str | None, target: Target) -> _Plan:
+        """New load, resumed load, or nothing to do: decided from the ledger, under the table's lock."""
+        options, boundaries = self.options, _boundaries(self.options)
+        size, mtime = self.source.size, _mtime(self.source)
+        latest = await self.ledger.latest(conn, key) if key else None
+        fresh = latest is None or options.restart or (latest["state"] == "succeeded" and options.force)
+        if fresh:
+            load_id = uuid.uuid4().hex
+            await self.ledger.start(
+                conn, load_id, key, target.display, _source_name(self.source), size, mtime, boundaries
+            )
+            return _Plan(load_id, {})
+        assert latest is not None
+        load_id = latest["load_id"]
+        recorded = json.loads(await conn.fetchval(self.ledger.boundaries_sql, load_id))
+        if recorded != boundaries:
+            changed = ", ".join(f"{k} {recorded.get(k)!r} (now {v!r})" for k, v in boundaries.items() if recorded.get(k) != v)
+            raise UsageError(
+                f"load {load_id} of {self.options.source} was started with {changed}; "
+                "run with the same options to resume it, or pass --restart to start a new load"
+            )
+        committed = await self.ledger.committed_batches(conn, load_id)
+        if latest["state"] == "succeeded":
+            finished = f"{latest['finished_at']:%Y-%m-%d %H:%M:%S %Z}"
+            if size is not None and (size, mtime) == (latest["source_size"], latest["source_mtime"]):
+                return _Plan(load_id, committed, nothing_to_do=f"already loaded by load {load_id} (finished {finished})")
+            return _Plan(load_id, committed, verify_only=True)
+        await self.ledger.resume(conn, load_id, size, mtime)
+        return _Plan(load_id, committed)
+
+    async def run(self, batcher: Batcher, header_fields: list[str] | None, lock: asyncpg.Connection, interrupt: asyncio.Event | None) -> None:
         options, report = self.options, self.report
         async with self.pool.acquire() as conn:
             target = await resolve_target(conn, options.table)
             report.table = target.display
             columns = _columns(options, target, header_fields)
             await self.ledger.ensure(conn)
-        sink = Sink(self.pool, target, columns, options.dialect, self.ledger, report.load_id, options.retry, report.count_retry)
-        await sink.check()
-        async with self.pool.acquire() as conn:
-            await self.ledger.start(
-                conn, report.load_id, target.display, _source_name(self.source), self.source.size, _boundaries(options)
-            )
+        # The table, the columns, the options and the privileges, before anything is written.
+        await Sink(self.pool, target, columns, options.dialect, self.ledger, "", options.retry).check()
+        await lock_table(lock, target.oid, target.display, options.wait_lock)
+        plan = await self._plan(lock, _load_key(options, self.source, target), target)
+        report.load_id = plan.load_id
+        if plan.committed and not plan.nothing_to_do:
+            log.info("%s: resuming load %s: %d batches were committed by earlier runs", options.source, plan.load_id, len(plan.committed))
+        elif not plan.nothing_to_do:
+            log.info("%s: loading into %s as load %s with %d workers", options.source, target.display, plan.load_id, options.workers)
+        if plan.nothing_to_do:
+            report.note = plan.nothing_to_do
+            return
+        sink = Sink(self.pool, target, columns, options.dialect, self.ledger, plan.load_id, options.retry, self.on_retry)
         error: LoaderError | None = None
         try:
-            await self._stream(batcher, sink)
+            await self._stream(batcher, sink, plan, interrupt)
         except LoaderError as exc:
             error = exc
         report.copies = sink.copies
-        if report.rows_rejected:
-            await self._write_rejects()
-        if error is None and report.rows_read != report.rows_loaded + report.rows_rejected:
+        if plan.verify_only and error is None:
+            report.note = f"already loaded by load {plan.load_id}; the source is unchanged (verified)"
+            return
+        if isinstance(error, SourceChanged) and plan.verify_only:
+            raise error
+        async with self.pool.acquire() as conn:
+            total_rejected = await conn.fetchval(self.ledger.count_rejects_sql, plan.load_id)
+        if total_rejected:
+            await self._write_rejects(plan.load_id)
+        if error is None and report.rows_read != report.rows_loaded + report.rows_rejected + report.rows_skipped:
             error = LoaderError(
                 f"accounting mismatch: read {report.rows_read} rows, loaded {report.rows_loaded}, "
-                f"rejected {report.rows_rejected} (a bug: please report it)"
+                f"rejected {report.rows_rejected}, skipped {report.rows_skipped} (a bug: please report it)"
             )
+        state = "succeeded" if error is None else "interrupted" if isinstance(error, Interrupted) else "failed"
         async with self.pool.acquire() as conn:
-            await self.ledger.finish(
-                conn,
-                report.load_id,
-                "failed" if error else "succeeded",
-                report.rows_read,
-                report.rows_loaded,
-                report.rows_rejected,
-                error.message if error else None,
-            )
+            await self.ledger.finish(conn, plan.load_id, state, error.message if error else None)
         if error is not None:
             raise error
 
-    async def _write_rejects(self) -> None:
+    async def _write_rejects(self, load_id: str) -> None:
         async def remapped(rows: AsyncIterator[Reject]) -> AsyncIterator[Reject]:
             async for r in rows:
                 yield Reject(self.original_line(r.line), r.sqlstate, r.message, r.record)
 
         async with self.pool.acquire() as conn, conn.transaction():
-            rows = self.ledger.rejects(conn, self.report.load_id)
+            rows = self.ledger.rejects(conn, load_id)
             await rejects_file.write(self.rejects_path, self.header, remapped(rows), self.options.dialect.python_encoding)
         self.report.rejects_file = str(self.rejects_path)
 
-    async def _stream(self, batcher: Batcher, sink: Sink) -> None:
+    def _changed(self, plan: _Plan, batch: Batch | None, what: str) -> SourceChanged:
+        where = f"lines {batch.first_line}-{batch.last_line}" if batch else "its end"
+        advice = (
+            "pass --force to load it again as a new load"
+            if plan.verify_only
+            else "pass --restart to load it as a new load (rows the earlier runs committed stay in the table: "
+            "delete them first if they must not be doubled)"
+        )
+        return SourceChanged(f"{self.options.source} changed since load {plan.load_id} read it: {where} {what}; {advice}")
+
+    async def _stream(self, batcher: Batcher, sink: Sink, plan: _Plan, interrupt: asyncio.Event | None) -> None:
         workers = self.options.workers
         queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=workers)
         stop = asyncio.Event()
         stopped: list[LoaderError] = []
 
+        def halt(reason: LoaderError) -> None:
+            if not stop.is_set():
+                stopped.append(reason)
+                stop.set()
+
+        async def watch_interrupt() -> None:
+            assert interrupt is not None
+            await interrupt.wait()
+            halt(Interrupted("interrupted: in-flight batches finished or rolled back; run the same command again to resume"))
+
         async def read() -> None:
             batches = iter(batcher)
+            last = 0
             try:
                 while not stop.is_set():
                     batch = await asyncio.to_thread(next, batches, None)
                     if batch is None:
+                        break
+                    last = batch.number
+                    done = plan.committed.get(batch.number)
+                    if done is not None:
+                        if done["checksum"] != batch.checksum:
+                            halt(self._changed(plan, batch, "differ from what was loaded"))
+                            return
+                        self.report.add_skipped(done["rows_loaded"], done["rows_rejected"])
+                        continue
+                    if plan.verify_only:
+                        halt(self._changed(plan, batch, "were not in it when it was loaded"))
                         return
                     await queue.put(batch)
+                if not stop.is_set() and plan.committed and max(plan.committed) > last:
+                    halt(self._changed(plan, None, "is shorter than what was loaded"))
             finally:
                 for _ in range(workers):
                     await queue.put(None)
@@ -159,9 +263,8 @@ class _Load:
                 notes = [RejectNote(self.original_line(r.line), r.sqlstate, r.message) for r in outcome.rejects]
                 self.report.add_batch(outcome.rows_loaded, outcome.rows_rejected, notes)
                 limit = self.options.max_errors
-                if limit is not None and self.report.rows_rejected > limit and not stop.is_set():
-                    stop.set()
-                    stopped.append(
+                if limit is not None and self.report.rows_rejected > limit:
+                    halt(
                         LoaderError(
                             f"stopped: {self.report.rows_rejected} rows rejected, more than --max-errors {limit}; "
                             f"the {self.report.rows_loaded:,} rows of committed batches stay loaded"
@@ -170,7 +273,12 @@ class _Load:
             if fatal is not None:
                 raise fatal
 
-        results = await asyncio.gather(read(), *(work() for _ in range(workers)), return_exceptions=True)
+        watcher = asyncio.create_task(watch_interrupt()) if interrupt is not None else None
+        try:
+            results = await asyncio.gather(read(), *(work() for _ in range(workers)), return_exceptions=True)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
         errors = [r for r in results if isinstance(r, BaseException)]
         for exc in errors:
             if not isinstance(exc, LoaderError):
@@ -181,9 +289,10 @@ class _Load:
             raise stopped[0]
 
 
-async def load(options: LoadOptions) -> Report:
+async def load(options: LoadOptions, interrupt: asyncio.Event | None = None) -> Report:
     """Run one `loader import`; returns the report, raises LoaderError when it cannot finish
-    (with the report of what was done attached as `.report`)."""
+    (with the report of what was done attached as `.report`). Setting `interrupt` stops the
+    load cleanly: no new batch starts, in-flight ones finish, the load is marked interrupted."""
     started = time.monotonic()
     source = open_source(options.source)
     try:
@@ -192,17 +301,25 @@ async def load(options: LoadOptions) -> Report:
         if options.dialect.header:
             record = await asyncio.to_thread(batcher.read_header)
             header_fields = parse_header(record, options.dialect, source.name) if record is not None else None
-        report = Report(source=source.name, table=options.table, load_id=uuid.uuid4().hex, workers=options.workers)
-        pool = await open_pool(options, on_retry=report.count_retry)
+        report = Report(source=source.name, table=options.table, load_id="", workers=options.workers)
+
+        def on_retry(exc: BaseException) -> None:
+            report.count_retry(exc)
+            log.info("retrying after a transient failure: %s", " ".join(str(exc).split()) or type(exc).__name__)
+
+        pool = await open_pool(options, on_retry=on_retry)
         try:
-            run = _Load(options, source, pool, report)
-            run.header = batcher.header
+            lock = await connect(options, on_retry=on_retry)
             try:
-                await run.run(batcher, header_fields)
+                run = _Load(options, source, pool, report, on_retry)
+                run.header = batcher.header
+                await run.run(batcher, header_fields, lock, interrupt)
             except LoaderError as exc:
                 report.elapsed_s = time.monotonic() - started
-                exc.report = report if report.batches else None
+                exc.report = report if report.load_id and not isinstance(exc, UsageError) else None
                 raise
+            finally:
+                await lock.close()
         finally:
             await pool.close()
     finally:
@@ -211,7 +328,7 @@ async def load(options: LoadOptions) -> Report:
     return report
 
 
-async def retry_rejects(rejects_path: str, options: LoadOptions) -> Report:
+async def retry_rejects(rejects_path: str, options: LoadOptions, interrupt: asyncio.Event | None = None) -> Report:
     """Load the (fixed) records of a rejects file with the original load's options; rows still
     refused go to a new rejects file, reported under their original line numbers."""
     previous = rejects_file.read(Path(rejects_path))
@@ -231,11 +348,43 @@ async def retry_rejects(rejects_path: str, options: LoadOptions) -> Report:
         derived = dataclasses.replace(
             options,
             source=tmp,
+            load_name=options.load_name or f"retry-rejects {os.path.realpath(rejects_path)}",
             rejects=options.rejects or str(rejects_file.default_path(rejects_path)),
             source_lines=tuple(lines),
         )
-        report = await load(derived)
+        report = await load(derived, interrupt)
     finally:
         os.unlink(tmp)
     report.source = rejects_path
     return report
+
+
+async def status(options: LoadOptions, table: str | None, limit: int) -> list[dict[str, object]]:
+    """Recent loads from the ledger, newest first (all tables, or the one named)."""
+    conn = await connect(options)
+    try:
+        ledger = Ledger(options.ledger_schema)
+        if not await ledger.exists(conn):
+            return []
+        display = None
+        if table is not None:
+            display = (await resolve_target(conn, table)).display
+        rows = await ledger.recent(conn, display, limit)
+    finally:
+        await conn.close()
+    return [
+        {
+            "load_id": r["load_id"],
+            "table": r["target_table"],
+            "source": r["source"],
+            "state": r["state"],
+            "runs": r["runs"],
+            "rows_loaded": r["rows_loaded"],
+            "rows_rejected": r["rows_rejected"],
+            "started": r["started_at"].isoformat(),
+            "finished": r["finished_at"].isoformat() if r["finished_at"] else None,
+            "seconds": round(float(r["seconds"]), 1),
+            "message": r["message"],
+        }
+        for r in rows
+    ]

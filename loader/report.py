@@ -29,12 +29,14 @@ class Report:
     rows_read: int = 0
     rows_loaded: int = 0
     rows_rejected: int = 0
+    rows_skipped: int = 0  # loaded by an earlier run of the same load, not again
     batches: int = 0
     retries: int = 0
     copies: int = 0
     elapsed_s: float = 0.0
     rejects_file: str | None = None
     rejects: list[RejectNote] = field(default_factory=list)
+    note: str | None = None  # why this run had nothing to do
 
     def count_retry(self, _exc: BaseException) -> None:
         self.retries += 1
@@ -45,6 +47,12 @@ class Report:
         self.rows_loaded += rows_loaded
         self.rows_rejected += rows_rejected
         self.rejects.extend(rejects[: MAX_KEPT_REJECTS - len(self.rejects)])
+
+    def add_skipped(self, rows_loaded: int, rows_rejected: int) -> None:
+        """A batch an earlier run committed: read and checked again, not loaded again."""
+        self.rows_read += rows_loaded + rows_rejected
+        self.rows_skipped += rows_loaded
+        self.rows_rejected += rows_rejected
 
     @property
     def rows_per_s(self) -> float:
@@ -63,11 +71,15 @@ class Report:
 
     def summary(self) -> str:
         """One line for cron's mail, then the first few rejects."""
+        if self.note:
+            return f"{self.source} into {self.table}: nothing to do: {self.note}"
         head = (
             f"loaded {self.rows_loaded:,} of {self.rows_read:,} rows into {self.table} "
             f"in {self.elapsed_s:.1f} s ({self.rows_per_s:,.0f} rows/s); "
             f"{self.batches} batches, {self.retries} retries"
         )
+        if self.rows_skipped:
+            head += f"; {self.rows_skipped:,} rows were loaded by an earlier run (load {self.load_id}, resumed)"
         if self.rows_rejected:
             head += f"; {self.rows_rejected:,} rows rejected"
             if self.rejects_file:

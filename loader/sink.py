@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -22,6 +23,8 @@ from .ledger import Ledger
 from .options import CsvDialect, LoadOptions, RetryPolicy
 from .rejects import Reject
 from .retry import retrying
+
+T = TypeVar("T")
 
 _WRITABLE_RELKINDS = {"r": "table", "p": "partitioned table", "f": "foreign table"}
 _COPY_LINE = re.compile(r"\bline (\d+)")
@@ -67,20 +70,14 @@ def copy_line(exc: BaseException) -> int | None:
     return int(match.group(1)) if match else None
 
 
-async def open_pool(options: LoadOptions, on_retry: Callable[[BaseException], None] | None = None) -> asyncpg.Pool:
-    """A pool of exactly `workers` connections; transient failures are retried, the rest explained."""
+async def _connecting(options: LoadOptions, connect: Callable[[str | None], Awaitable[T]], on_retry: Callable[[BaseException], None] | None) -> T:
+    """Run `connect` with the load's retry policy; failures become one clear LoaderError."""
     dsn = resolve_dsn(options.dsn)
     server = describe_server(dsn)
     try:
         async for attempt in retrying(options.retry, on_retry):
             with attempt:
-                return await asyncpg.create_pool(
-                    dsn,
-                    min_size=options.workers,
-                    max_size=options.workers,
-                    timeout=15,
-                    server_settings={"application_name": options.application_name},
-                )
+                return await connect(dsn)
     except asyncpg.InvalidAuthorizationSpecificationError as exc:
         raise UsageError(f"cannot log in to {server}: {redact(server_message(exc), dsn)}") from None
     except asyncpg.InvalidCatalogNameError as exc:
@@ -97,10 +94,35 @@ async def open_pool(options: LoadOptions, on_retry: Callable[[BaseException], No
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def _settings(options: LoadOptions) -> dict[str, str]:
+    return {"application_name": options.application_name}
+
+
+async def open_pool(options: LoadOptions, on_retry: Callable[[BaseException], None] | None = None) -> asyncpg.Pool:
+    """A pool of exactly `workers` connections; transient failures are retried, the rest explained."""
+
+    async def create(dsn: str | None) -> asyncpg.Pool:
+        return await asyncpg.create_pool(
+            dsn, min_size=options.workers, max_size=options.workers, timeout=15, server_settings=_settings(options)
+        )
+
+    return await _connecting(options, create, on_retry)
+
+
+async def connect(options: LoadOptions, on_retry: Callable[[BaseException], None] | None = None) -> asyncpg.Connection:
+    """One connection outside the pool: it holds the table's lock for the whole load."""
+
+    async def create(dsn: str | None) -> asyncpg.Connection:
+        return await asyncpg.connect(dsn, timeout=15, server_settings=_settings(options))
+
+    return await _connecting(options, create, on_retry)
+
+
 @dataclass(frozen=True)
 class Target:
     """The table rows go into, as the server resolved it."""
 
+    oid: int
     schema: str
     name: str
     columns: tuple[str, ...]  # every column a COPY can write, in table order
@@ -140,7 +162,7 @@ async def resolve_target(conn: asyncpg.Connection, table: str) -> Target:
     if row["relkind"] not in _WRITABLE_RELKINDS:
         raise UsageError(f"{table} is not a table; COPY can load only tables")
     columns = await conn.fetch(sql.TABLE_COLUMNS, row["oid"])
-    return Target(row["nspname"], row["relname"], tuple(r["attname"] for r in columns))
+    return Target(row["oid"], row["nspname"], row["relname"], tuple(r["attname"] for r in columns))
 
 
 @dataclass(frozen=True)

@@ -62,8 +62,47 @@ SCHEMA_EXISTS = "SELECT to_regnamespace($1) IS NOT NULL"
 CREATE_SCHEMA = "CREATE SCHEMA IF NOT EXISTS {schema}"
 
 START_LOAD = """
-INSERT INTO {schema}.loads (load_id, target_table, source, source_size, boundaries)
-VALUES ($1, $2, $3, $4, $5::jsonb)
+INSERT INTO {schema}.loads (load_id, load_key, target_table, source, source_size, source_mtime, boundaries)
+VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)
+"""
+
+# The latest load of a key, to resume, verify, or start anew.
+LATEST_LOAD = """
+SELECT load_id, state, source_size, source_mtime, started_at, finished_at, runs
+  FROM {schema}.loads WHERE load_key = $1 ORDER BY started_at DESC LIMIT 1
+"""
+
+RESUME_LOAD = """
+UPDATE {schema}.loads SET state = 'running', runs = runs + 1, finished_at = NULL, message = NULL,
+       source_size = $2, source_mtime = $3
+ WHERE load_id = $1
+"""
+
+LOAD_BOUNDARIES = "SELECT boundaries FROM {schema}.loads WHERE load_id = $1"
+
+COUNT_REJECTS = "SELECT count(*) FROM {schema}.rejects WHERE load_id = $1"
+
+COMMITTED_BATCHES = """
+SELECT batch_no, checksum, rows_loaded, rows_rejected FROM {schema}.batches WHERE load_id = $1
+"""
+
+# One loader per table at a time: a session advisory lock, released if the session dies.
+TRY_TABLE_LOCK = "SELECT pg_try_advisory_lock(hashtextextended('loader table ' || $1::oid::text, 0))"
+
+TABLE_LOCK_HOLDER = """
+SELECT a.pid, a.application_name, a.backend_start
+  FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+ WHERE l.locktype = 'advisory' AND l.granted
+   AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended('loader table ' || $1::oid::text, 0)
+ LIMIT 1
+"""
+
+RECENT_LOADS = """
+SELECT load_id, target_table, source, state, runs, rows_read, rows_loaded, rows_rejected,
+       started_at, finished_at, extract(epoch FROM coalesce(finished_at, now()) - started_at) AS seconds, message
+  FROM {schema}.loads
+ WHERE $1::text IS NULL OR target_table = $1
+ ORDER BY started_at DESC LIMIT $2
 """
 
 # Claiming the batch's ledger row first, in the batch's transaction, is what makes a retry
@@ -92,8 +131,12 @@ LOAD_REJECTS = """
 SELECT line, sqlstate, message, record FROM {schema}.rejects WHERE load_id = $1 ORDER BY line
 """
 
+# The totals come from the batches, so they count every run of a resumed load.
 FINISH_LOAD = """
-UPDATE {schema}.loads
-   SET state = $2, finished_at = now(), rows_read = $3, rows_loaded = $4, rows_rejected = $5, message = $6
- WHERE load_id = $1
+UPDATE {schema}.loads l
+   SET state = $2, finished_at = now(), message = $3,
+       rows_loaded = b.loaded, rows_rejected = b.rejected, rows_read = b.loaded + b.rejected
+  FROM (SELECT coalesce(sum(rows_loaded), 0) AS loaded, coalesce(sum(rows_rejected), 0) AS rejected
+          FROM {schema}.batches WHERE load_id = $1) b
+ WHERE l.load_id = $1
 """

@@ -6,12 +6,15 @@
 
 CREATE TABLE IF NOT EXISTS {schema}.loads (
     load_id        text PRIMARY KEY,
+    load_key       text,                    -- same source, table and batch boundaries; NULL: not resumable
     target_table   text NOT NULL,
     source         text NOT NULL,
     source_size    bigint,
+    source_mtime   double precision,
     boundaries     jsonb NOT NULL,          -- what decides batch boundaries (dialect, batch size)
     state          text NOT NULL DEFAULT 'running'
                    CHECK (state IN ('running', 'succeeded', 'failed', 'interrupted')),
+    runs           integer NOT NULL DEFAULT 1,
     started_at     timestamptz NOT NULL DEFAULT now(),
     finished_at    timestamptz,
     rows_read      bigint NOT NULL DEFAULT 0,
@@ -19,6 +22,9 @@ CREATE TABLE IF NOT EXISTS {schema}.loads (
     rows_rejected  bigint NOT NULL DEFAULT 0,
     message        text
 );
+
+CREATE INDEX IF NOT EXISTS loads_key ON {schema}.loads (load_key, started_at);
+CREATE INDEX IF NOT EXISTS loads_started ON {schema}.loads (started_at);
 
 CREATE TABLE IF NOT EXISTS {schema}.batches (
     load_id        text NOT NULL REFERENCES {schema}.loads ON DELETE CASCADE,

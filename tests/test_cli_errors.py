@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -19,9 +20,10 @@ def with_user(dsn: str, user: str, password: str, database: str | None = None) -
 
 
 def one_error_line(stderr: str) -> str:
+    """The one line on stderr (stamped with the time, as stderr is not a terminal here)."""
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1, stderr
-    assert lines[0].startswith("loader: error: "), stderr
+    assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} loader: error: ", lines[0]), stderr
     assert "Traceback" not in stderr
     return lines[0]
 

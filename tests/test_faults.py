@@ -65,7 +65,7 @@ def test_a_batch_committed_by_an_earlier_attempt_is_not_loaded_again(db: Db, tmp
                 target = await resolve_target(conn, "t")
                 ledger = Ledger("loader")
                 await ledger.ensure(conn)
-                await ledger.start(conn, "load-1", target.display, str(csv), None, {})
+                await ledger.start(conn, "load-1", None, target.display, str(csv), None, None, {})
             sink = Sink(pool, target, ("id", "name"), CsvDialect(), ledger, "load-1", RetryPolicy())
             source = open_source(str(csv))
             batcher = Batcher(source, CsvDialect(), 10, 1 << 20)
@@ -95,5 +95,5 @@ def test_the_server_never_sees_more_connections_than_workers(db: Db, tmp_path: P
     until(sample, timeout=300, interval=0.05)
     _, err = proc.communicate()
     assert proc.returncode == 0, err.decode()
-    assert max(seen) == 3, seen
+    assert max(seen) == 3 + 1, seen  # the workers, and the session that holds the table lock
     assert db.value("SELECT count(*) FROM events") == 100_000
