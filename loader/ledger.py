@@ -37,6 +37,7 @@ class Ledger:
         self._recent_sql = sql.render(sql.RECENT_LOADS, schema=schema)
         self.boundaries_sql = sql.render(sql.LOAD_BOUNDARIES, schema=schema)
         self.count_rejects_sql = sql.render(sql.COUNT_REJECTS, schema=schema)
+        self._update_source_sql = sql.render(sql.UPDATE_SOURCE, schema=schema)
 
     async def ensure(self, conn: asyncpg.Connection) -> None:
         """Create the ledger if it is missing; serialised so concurrent first loads do not race."""
@@ -79,6 +80,10 @@ class Ledger:
 
     async def resume(self, conn: asyncpg.Connection, load_id: str, size: int | None, mtime: float | None) -> None:
         await conn.execute(self._resume_sql, load_id, size, mtime)
+
+    async def update_source(self, conn: asyncpg.Connection, load_id: str, size: int | None, mtime: float | None) -> None:
+        """The source was verified unchanged: remember its size and mtime for the next quick check."""
+        await conn.execute(self._update_source_sql, load_id, size, mtime)
 
     async def committed_batches(self, conn: asyncpg.Connection, load_id: str) -> dict[int, asyncpg.Record]:
         return {r["batch_no"]: r for r in await conn.fetch(self._committed_batches_sql, load_id)}

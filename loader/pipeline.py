@@ -37,6 +37,8 @@ from .source import Source, open_source
 
 log = logging.getLogger("loader")
 
+INTERRUPT_GRACE_S = 3.0  # after SIGINT/SIGTERM, how long batches in flight may take to finish
+
 
 def _columns(options: LoadOptions, target: Target, header: list[str] | None) -> tuple[str, ...]:
     if options.columns is not None:
@@ -168,6 +170,8 @@ class _Load:
         report.copies = sink.copies
         if plan.verify_only and error is None:
             report.note = f"already loaded by load {plan.load_id}; the source is unchanged (verified)"
+            async with self.pool.acquire() as conn:
+                await self.ledger.update_source(conn, plan.load_id, self.source.size, _mtime(self.source))
             return
         if isinstance(error, SourceChanged) and plan.verify_only:
             raise error
@@ -216,11 +220,6 @@ class _Load:
             if not stop.is_set():
                 stopped.append(reason)
                 stop.set()
-
-        async def watch_interrupt() -> None:
-            assert interrupt is not None
-            await interrupt.wait()
-            halt(Interrupted("interrupted: in-flight batches finished or rolled back; run the same command again to resume"))
 
         async def read() -> None:
             batches = iter(batcher)
@@ -273,13 +272,25 @@ class _Load:
             if fatal is not None:
                 raise fatal
 
+        tasks = [asyncio.create_task(read()), *(asyncio.create_task(work()) for _ in range(workers))]
+
+        async def watch_interrupt() -> None:
+            """Stop cleanly; whatever is still running after a grace period is cancelled, which
+            rolls its transaction back (the ledger keeps that exact)."""
+            assert interrupt is not None
+            await interrupt.wait()
+            halt(Interrupted("interrupted: in-flight batches finished or rolled back; run the same command again to resume"))
+            await asyncio.sleep(INTERRUPT_GRACE_S)
+            for task in tasks:
+                task.cancel()
+
         watcher = asyncio.create_task(watch_interrupt()) if interrupt is not None else None
         try:
-            results = await asyncio.gather(read(), *(work() for _ in range(workers)), return_exceptions=True)
+            results = await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             if watcher is not None:
                 watcher.cancel()
-        errors = [r for r in results if isinstance(r, BaseException)]
+        errors = [r for r in results if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)]
         for exc in errors:
             if not isinstance(exc, LoaderError):
                 raise exc

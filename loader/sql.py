@@ -82,6 +82,8 @@ LOAD_BOUNDARIES = "SELECT boundaries FROM {schema}.loads WHERE load_id = $1"
 
 COUNT_REJECTS = "SELECT count(*) FROM {schema}.rejects WHERE load_id = $1"
 
+UPDATE_SOURCE = "UPDATE {schema}.loads SET source_size = $2, source_mtime = $3 WHERE load_id = $1"
+
 COMMITTED_BATCHES = """
 SELECT batch_no, checksum, rows_loaded, rows_rejected FROM {schema}.batches WHERE load_id = $1
 """
