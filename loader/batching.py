@@ -103,6 +103,11 @@ def record_end_finder(dialect: CsvDialect) -> Callable[[list[bytes]], list[int]]
     return lambda lines: _ends_escaped(lines, quote, escape)
 
 
+def _lines_spanned(record: bytes) -> int:
+    """Physical lines a last record covers, whether or not it ends with a newline."""
+    return record.count(b"\n") + (0 if record.endswith(b"\n") else 1)
+
+
 class _Pending:
     """The records gathered for the next batch."""
 
@@ -146,22 +151,38 @@ class Batcher:
         self._line = 1  # source line of the tail
         self._started = False
         self._eof = False
+        self._tail_scanned = False  # whether the tail, as it is, was scanned for record ends
         self.header: bytes | None = None
+
+    def _start(self) -> None:
+        """Read the first bytes, dropping a UTF-8 byte order mark (its bytes still count in offsets)."""
+        if self._started:
+            return
+        self._started = True
+        first = b""
+        while len(first) < len(_UTF8_BOM):
+            more = read_block(self._source, self._read_size)
+            if not more:
+                break
+            first += more
+        if self._strip_bom and first.startswith(_UTF8_BOM):
+            first = first[len(_UTF8_BOM) :]
+            self._offset = len(_UTF8_BOM)
+        self._tail = first
 
     def _scan(self) -> tuple[bytes, list[bytes], list[int]] | None:
         """Read one more block onto the tail; the data, its complete lines, and which end records.
         None once the source is exhausted and the tail has been scanned."""
+        self._start()
         if self._eof:
-            return None
-        block = read_block(self._source, self._read_size)
-        if not self._started:
-            self._started = True
-            if self._strip_bom and block.startswith(_UTF8_BOM):
-                block = block[len(_UTF8_BOM) :]
-                self._offset = len(_UTF8_BOM)
-        if not block:
-            self._eof = True
+            if self._tail_scanned:
+                return None
+            block = b""  # the source is exhausted, but records taken off the tail left more to scan
+        else:
+            block = read_block(self._source, self._read_size)
+            self._eof = not block
         data = self._tail + block if self._tail else block
+        self._tail_scanned = True
         lines = data.split(b"\n")
         lines.pop()  # the unfinished last line stays in the tail
         ends = self._find_ends(lines)
@@ -174,6 +195,8 @@ class Batcher:
         return data, lines, ends
 
     def _consume(self, data: bytes, upto: int, lines: int) -> None:
+        if upto:
+            self._tail_scanned = False
         self._tail = data[upto:]
         self._offset += upto
         self._line += lines
@@ -189,10 +212,11 @@ class Batcher:
                 return self.header
         if self._tail:
             self.header = self._tail.rstrip(b"\r\n")
-            self._consume(self._tail, len(self._tail), self._tail.count(b"\n") + 1)
+            self._consume(self._tail, len(self._tail), _lines_spanned(self._tail))
         return self.header
 
     def __iter__(self) -> Iterator[Batch]:
+        self._start()
         pending = _Pending(self._offset, self._line)
         number = 0
         while (scanned := self._scan()) is not None:
@@ -229,7 +253,7 @@ class Batcher:
             if pending.rows and (pending.rows >= self._batch_rows or pending.bytes + len(self._tail) > self._batch_bytes):
                 number += 1
                 yield pending.take(number)
-            pending.add(self._tail, 1, self._tail.count(b"\n") + 1)
+            pending.add(self._tail, 1, _lines_spanned(self._tail))
             self._consume(self._tail, len(self._tail), 0)
         if pending.rows:
             number += 1
