@@ -173,3 +173,30 @@ def test_rejects_of_stdin_go_to_the_working_directory(db: Db, tmp_path: Path) ->
     run = db.loader("import", "-", "-t", "t", input=b"id\n1\nx\n3\n")
     assert run.code == 3
     assert rejects_of(tmp_path / "stdin.rejects.csv") == [(3, "22P02", b"x")]
+
+
+def test_the_fast_path_never_parses_rows(db: Db, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clean file goes to COPY as raw bytes: the row splitter of the slow path is never called."""
+    import asyncio
+
+    import loader.sink
+    from loader import LoadOptions, load
+
+    calls: list[int] = []
+    real = loader.sink.split_records
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loader.sink, "split_records", counting)
+    db.sql("CREATE TABLE clean (id int, v text)")
+    path = tmp_path / "clean.csv"
+    path.write_text("id,v\n" + "".join(f'{i},"a\n""b"""\n' for i in range(50_000)))
+    report = asyncio.run(load(LoadOptions(source=str(path), table="clean", dsn=db.dsn, batch_rows=5000)))
+    assert (report.rows_loaded, report.batches, report.copies) == (50_000, 10, 10)
+    assert calls == []
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,v\n1,a\nx,b\n")
+    assert asyncio.run(load(LoadOptions(source=str(bad), table="clean", dsn=db.dsn))).rows_rejected == 1
+    assert calls == [1]  # the slow path, and only for the refused batch

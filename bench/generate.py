@@ -1,0 +1,64 @@
+"""A deterministic CSV like the benchmark's reference: 10 mixed-type columns, about 210 bytes a row,
+about 1% of records with quoted newlines and doubled quotes, some NULLs, optionally bad rows."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+TABLE_DDL = """
+CREATE TABLE {name} (
+    id          bigint,
+    created_at  timestamptz,
+    user_id     integer,
+    amount      numeric(12, 2),
+    score       double precision,
+    active      boolean,
+    category    text,
+    name        text,
+    note        text,
+    day         date
+)
+"""
+
+HEADER = "id,created_at,user_id,amount,score,active,category,name,note,day\n"
+_WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
+_CATEGORIES = ["books", "music", "garden", "tools", "toys", "food, fresh", "sports", "home"]
+
+
+def _note(rnd: random.Random) -> str:
+    return " ".join(rnd.choices(_WORDS, k=14))
+
+
+def write(path: Path, rows: int, seed: int = 1, bad_every: int = 0) -> Path:
+    """Write `rows` records (plus a header) to `path`; every `bad_every`-th row has a letter in
+    an integer column (0: none). The same arguments always write the same bytes."""
+    rnd = random.Random(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as fh:
+        fh.write(HEADER)
+        chunk: list[str] = []
+        for i in range(1, rows + 1):
+            category = rnd.choice(_CATEGORIES)
+            name = f"customer {rnd.randint(1, 10**6)}"
+            note = _note(rnd)
+            if rnd.random() < 0.01:
+                note = f'said "hello"\nand then ""{note}""'
+            note_field = '"' + note.replace('"', '""') + '"' if any(c in note for c in ',"\n') else note
+            category_field = f'"{category}"' if "," in category else category
+            user = "" if i % 17 == 0 else str(rnd.randint(1, 2_000_000))
+            if bad_every and i % bad_every == 0:
+                user = "n/a"
+            chunk.append(
+                f"{i},2024-{1 + i % 12:02d}-{1 + i % 28:02d} {i % 24:02d}:{i % 60:02d}:{(i * 7) % 60:02d}+00,"
+                f"{user},{rnd.randint(0, 10**8) / 100:.2f},{rnd.random():.12f},{'t' if i % 3 else 'f'},"
+                f"{category_field},{name},{note_field},2024-{1 + i % 12:02d}-{1 + i % 28:02d}\n"
+            )
+            if len(chunk) >= 10_000:
+                fh.write("".join(chunk))
+                chunk.clear()
+        fh.write("".join(chunk))
+    tmp.chmod(0o644)
+    tmp.replace(path)
+    return path
