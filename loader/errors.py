@@ -58,9 +58,10 @@ class Interrupted(LoaderError):
 # SQLSTATE classes (first two characters) and codes that a later attempt can cure:
 # 08 connection exception, 40 transaction rollback (serialization failure, deadlock),
 # 53 insufficient resources (too many connections), 57P operator intervention
-# (admin shutdown, crash shutdown, cannot connect now), 57014 statement timeout.
+# (admin shutdown, crash shutdown, cannot connect now), 57014 statement timeout (--statement-timeout),
+# 55P03 lock not available (--lock-timeout: someone holds a lock on the table for now).
 _TRANSIENT_CLASSES = ("08", "40", "53")
-_TRANSIENT_PREFIXES = ("57P", "57014")
+_TRANSIENT_PREFIXES = ("57P", "57014", "55P03")
 
 # SQLSTATE classes that mean "this data is bad": 22 data exception (including COPY's own
 # format errors such as 22P04 "missing data for column"), 23 integrity constraint violation.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import codecs
 import re
+from datetime import datetime, timedelta
 from dataclasses import dataclass, field
 
 from .errors import UsageError
@@ -80,6 +81,58 @@ class CsvDialect:
 
 
 @dataclass(frozen=True)
+class Rate:
+    """A pace: so many rows, or bytes, per second."""
+
+    amount: float
+    unit: str  # "rows" or "bytes"
+
+    def __str__(self) -> str:
+        return f"{self.amount:g} {self.unit}/s"
+
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*(?:/\s*s)?\s*$", re.IGNORECASE)
+_BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+_ROW_UNITS = {"": 1, "row": 1, "rows": 1, "k": 10**3, "krows": 10**3, "m": 10**6, "mrows": 10**6}
+
+
+def parse_rate(text: str) -> Rate:
+    """--max-rate: 20000 or 20k (rows/s), 20000rows/s, 20MB/s, 512KiB/s."""
+    match = _RATE.match(text)
+    unit = (match.group(2) if match else "").lower()
+    if not match or float(match.group(1)) <= 0 or (unit not in _ROW_UNITS and unit not in _BYTE_UNITS):
+        raise UsageError(f"--max-rate {text!r}: write rows per second (20000, 20k) or bytes per second (20MB/s, 512KiB/s)")
+    number = float(match.group(1))
+    if unit in _ROW_UNITS:
+        return Rate(number * _ROW_UNITS[unit], "rows")
+    return Rate(number * _BYTE_UNITS[unit], "bytes")
+
+
+_DURATION = re.compile(r"^\s*(?:(\d+)\s*h)?\s*(?:(\d+)\s*m)?\s*(?:(\d+)\s*s)?\s*$", re.IGNORECASE)
+_CLOCK = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*$")
+
+
+def parse_deadline(text: str, now: datetime | None = None) -> float:
+    """--deadline: a local time of day (05:30, the next one to come) or a duration (2h, 90m,
+    1h30m, 45s); returns the moment as a Unix timestamp."""
+    now = now or datetime.now().astimezone()
+    clock = _CLOCK.match(text)
+    if clock:
+        hour, minute = int(clock.group(1)), int(clock.group(2))
+        if hour > 23 or minute > 59:
+            raise UsageError(f"--deadline {text!r}: not a time of day")
+        moment = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+        if moment <= now:
+            moment += timedelta(days=1)
+        return moment.timestamp()
+    duration = _DURATION.match(text)
+    if duration and any(duration.groups()):
+        hours, minutes, seconds = (int(g or 0) for g in duration.groups())
+        return now.timestamp() + hours * 3600 + minutes * 60 + seconds
+    raise UsageError(f"--deadline {text!r}: write a time of day (05:30) or a duration (2h, 90m, 1h30m)")
+
+
+@dataclass(frozen=True)
 class RetryPolicy:
     """How often and how patiently a transient failure is retried."""
 
@@ -115,6 +168,13 @@ class LoadOptions:
     restart: bool = False  # start a new load even though an unfinished one exists
     force: bool = False  # load again a source that was fully loaded
     wait_lock: float = 0.0  # seconds to wait for another load of the table to finish
+    auto_workers: bool = False  # adapt the batches in flight between 1 and `workers`
+    deadline: float | None = None  # Unix time after which no batch starts (exit 75, resumable)
+    max_rate: Rate | None = None
+    max_replica_lag: float | None = None  # seconds; pause while a streaming replica lags more
+    max_lag_wait: float | None = None  # seconds of waiting for replicas before stopping (exit 1)
+    statement_timeout: float | None = None  # seconds, per statement on the loading connections
+    lock_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if not self.table.strip():
@@ -125,6 +185,14 @@ class LoadOptions:
             raise UsageError("--batch-size must be at least 1 row")
         if self.batch_bytes < 1024:
             raise UsageError("--batch-bytes must be at least 1024")
+        for name, value in (
+            ("--max-replica-lag", self.max_replica_lag),
+            ("--max-lag-wait", self.max_lag_wait),
+            ("--statement-timeout", self.statement_timeout),
+            ("--lock-timeout", self.lock_timeout),
+        ):
+            if value is not None and value <= 0:
+                raise UsageError(f"{name} must be more than 0 seconds")
         if self.wait_lock < 0:
             raise UsageError("--wait-lock cannot be negative")
         if self.load_name is not None and not self.load_name.strip():

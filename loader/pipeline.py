@@ -20,24 +20,29 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import asyncpg
 
 from . import rejects as rejects_file
+from . import sql
 from .batching import Batch, Batcher, parse_header
-from .errors import Interrupted, LoaderError, SourceChanged, UsageError
+from .errors import Interrupted, LoaderError, SourceChanged, TryAgainLater, UsageError
 from .ledger import Ledger, lock_table
 from .options import LoadOptions
 from .rejects import Reject
 from .report import RejectNote, Report
-from .sink import Sink, Target, connect, open_pool, resolve_target
+from .pressure import ReplicaLag, connection_budget, require_monitor
+from .sink import Sink, Target, check_copy, connect, open_pool, resolve_target
 from .source import Source, open_source
+from .throttle import ConcurrencyController, Gate, TokenBucket
 
 
 log = logging.getLogger("loader")
 
-INTERRUPT_GRACE_S = 3.0  # after SIGINT/SIGTERM, how long batches in flight may take to finish
+INTERRUPT_GRACE_S = 3.0  # after SIGINT/SIGTERM or the deadline, how long batches in flight may take
+REPLICA_POLL_S = 0.5
 
 
 def _columns(options: LoadOptions, target: Target, header: list[str] | None) -> tuple[str, ...]:
@@ -94,27 +99,31 @@ class _Plan:
 
 
 class _Load:
-    """The state of one run: options, source, pool, ledger, report."""
+    """The state of one run. `control` is the load's own session: it holds the table's lock,
+    plans the load, watches the replicas and closes the load in the ledger; the pool's
+    connections only load batches."""
 
     def __init__(
-        self, options: LoadOptions, source: Source, pool: asyncpg.Pool, report: Report, on_retry: Callable[[BaseException], None]
+        self, options: LoadOptions, source: Source, control: asyncpg.Connection, report: Report,
+        on_retry: Callable[[BaseException], None],
     ) -> None:
-        self.on_retry = on_retry
         self.options = options
         self.source = source
-        self.pool = pool
+        self.control = control
         self.report = report
+        self.on_retry = on_retry
         self.ledger = Ledger(options.ledger_schema)
         self.header: bytes | None = None
         self.rejects_path = Path(options.rejects) if options.rejects else rejects_file.default_path(options.source)
+        self.controller: ConcurrencyController | None = None
 
     def original_line(self, line: int) -> int:
         lines = self.options.source_lines
         return lines[line - 1] if lines is not None and 0 < line <= len(lines) else line
 
-    async def _plan(self, conn: asyncpg.Connection, key: str | None, target: Target) -> _Plan:
+    async def _plan(self, key: str | None, target: Target) -> _Plan:
         """New load, resumed load, or nothing to do: decided from the ledger, under the table's lock."""
-        options, boundaries = self.options, _boundaries(self.options)
+        conn, options, boundaries = self.control, self.options, _boundaries(self.options)
         size, mtime = self.source.size, _mtime(self.source)
         latest = await self.ledger.latest(conn, key) if key else None
         fresh = latest is None or options.restart or (latest["state"] == "succeeded" and options.force)
@@ -142,51 +151,73 @@ class _Load:
         await self.ledger.resume(conn, load_id, size, mtime)
         return _Plan(load_id, committed)
 
-    async def run(self, batcher: Batcher, header_fields: list[str] | None, lock: asyncpg.Connection, interrupt: asyncio.Event | None) -> None:
-        options, report = self.options, self.report
-        async with self.pool.acquire() as conn:
-            target = await resolve_target(conn, options.table)
-            report.table = target.display
-            columns = _columns(options, target, header_fields)
-            await self.ledger.ensure(conn)
-        # The table, the columns, the options and the privileges, before anything is written.
-        await Sink(self.pool, target, columns, options.dialect, self.ledger, "", options.retry).check()
-        await lock_table(lock, target.oid, target.display, options.wait_lock)
-        plan = await self._plan(lock, _load_key(options, self.source, target), target)
+    async def _workers(self) -> int:
+        """--workers, lowered to what the server can spare (see pressure.ConnectionBudget)."""
+        wanted = self.options.workers
+        budget = await connection_budget(self.control)
+        if budget.allowed < 1:
+            raise TryAgainLater(f"no connection to spare for a load: {budget.describe()}")
+        if wanted > budget.allowed:
+            kind = "--max-workers" if self.options.auto_workers else "--workers"
+            log.warning("loader: %s %d lowered to %d: %s", kind, wanted, budget.allowed, budget.describe())
+            return budget.allowed
+        return wanted
+
+    async def run(self, batcher: Batcher, header_fields: list[str] | None, interrupt: asyncio.Event | None) -> None:
+        options, report, conn = self.options, self.report, self.control
+        target = await resolve_target(conn, options.table)
+        report.table = target.display
+        columns = _columns(options, target, header_fields)
+        await self.ledger.ensure(conn)
+        await check_copy(conn, target, columns, options.dialect)
+        if options.max_replica_lag is not None:
+            await require_monitor(conn)
+        await lock_table(conn, target.oid, target.display, options.wait_lock)
+        plan = await self._plan(_load_key(options, self.source, target), target)
         report.load_id = plan.load_id
-        if plan.committed and not plan.nothing_to_do:
-            log.info("%s: resuming load %s: %d batches were committed by earlier runs", options.source, plan.load_id, len(plan.committed))
-        elif not plan.nothing_to_do:
-            log.info("%s: loading into %s as load %s with %d workers", options.source, target.display, plan.load_id, options.workers)
         if plan.nothing_to_do:
             report.note = plan.nothing_to_do
             return
-        sink = Sink(self.pool, target, columns, options.dialect, self.ledger, plan.load_id, options.retry, self.on_retry)
+        application_name = f"{options.application_name} {plan.load_id}"[:63]
+        await conn.execute(sql.SET_APPLICATION_NAME, application_name)
+        workers = await self._workers()
+        report.workers = workers
+        if plan.committed:
+            log.info("%s: resuming load %s: %d batches were committed by earlier runs", options.source, plan.load_id, len(plan.committed))
+        else:
+            log.info("%s: loading into %s as load %s, %s workers", options.source, target.display, plan.load_id,
+                     f"auto, at most {workers}" if options.auto_workers else workers)
+        if options.auto_workers:
+            self.controller = ConcurrencyController(maximum=workers, limit=min(2, workers))
+        pool = await open_pool(options, workers, application_name, self.on_retry, lazy=options.auto_workers)
         error: LoaderError | None = None
         try:
-            await self._stream(batcher, sink, plan, interrupt)
-        except LoaderError as exc:
-            error = exc
-        report.copies = sink.copies
+            pace = (TokenBucket(options.max_rate.amount), options.max_rate.unit) if options.max_rate else None
+            sink = Sink(pool, target, columns, options.dialect, self.ledger, plan.load_id, options.retry, self.on_retry, pace)
+            try:
+                await self._stream(batcher, sink, plan, interrupt, workers)
+            except LoaderError as exc:
+                error = exc
+            report.copies = sink.copies
+        finally:
+            await pool.close()
+        if self.controller is not None:
+            report.concurrency = self.controller.summary
         if plan.verify_only and error is None:
             report.note = f"already loaded by load {plan.load_id}; the source is unchanged (verified)"
-            async with self.pool.acquire() as conn:
-                await self.ledger.update_source(conn, plan.load_id, self.source.size, _mtime(self.source))
+            await self.ledger.update_source(conn, plan.load_id, self.source.size, _mtime(self.source))
             return
         if isinstance(error, SourceChanged) and plan.verify_only:
             raise error
-        async with self.pool.acquire() as conn:
-            total_rejected = await conn.fetchval(self.ledger.count_rejects_sql, plan.load_id)
-        if total_rejected:
+        if await conn.fetchval(self.ledger.count_rejects_sql, plan.load_id):
             await self._write_rejects(plan.load_id)
         if error is None and report.rows_read != report.rows_loaded + report.rows_rejected + report.rows_skipped:
             error = LoaderError(
                 f"accounting mismatch: read {report.rows_read} rows, loaded {report.rows_loaded}, "
                 f"rejected {report.rows_rejected}, skipped {report.rows_skipped} (a bug: please report it)"
             )
-        state = "succeeded" if error is None else "interrupted" if isinstance(error, Interrupted) else "failed"
-        async with self.pool.acquire() as conn:
-            await self.ledger.finish(conn, plan.load_id, state, error.message if error else None)
+        state = "succeeded" if error is None else "interrupted" if isinstance(error, (Interrupted, TryAgainLater)) else "failed"
+        await self.ledger.finish(conn, plan.load_id, state, error.message if error else None)
         if error is not None:
             raise error
 
@@ -195,8 +226,8 @@ class _Load:
             async for r in rows:
                 yield Reject(self.original_line(r.line), r.sqlstate, r.message, r.record)
 
-        async with self.pool.acquire() as conn, conn.transaction():
-            rows = self.ledger.rejects(conn, load_id)
+        async with self.control.transaction():
+            rows = self.ledger.rejects(self.control, load_id)
             await rejects_file.write(self.rejects_path, self.header, remapped(rows), self.options.dialect.python_encoding)
         self.report.rejects_file = str(self.rejects_path)
 
@@ -210,11 +241,17 @@ class _Load:
         )
         return SourceChanged(f"{self.options.source} changed since load {plan.load_id} read it: {where} {what}; {advice}")
 
-    async def _stream(self, batcher: Batcher, sink: Sink, plan: _Plan, interrupt: asyncio.Event | None) -> None:
-        workers = self.options.workers
+    async def _stream(
+        self, batcher: Batcher, sink: Sink, plan: _Plan, interrupt: asyncio.Event | None, workers: int
+    ) -> None:
+        options, report = self.options, self.report
         queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=workers)
         stop = asyncio.Event()
         stopped: list[LoaderError] = []
+        gate = Gate(self.controller.limit if self.controller else workers)
+        report.concurrency_now = gate.places
+        replicas_ok = asyncio.Event()
+        replicas_ok.set()
 
         def halt(reason: LoaderError) -> None:
             if not stop.is_set():
@@ -227,6 +264,7 @@ class _Load:
             try:
                 while not stop.is_set():
                     batch = await asyncio.to_thread(next, batches, None)
+                    report.bytes_read = _position(self.source)
                     if batch is None:
                         break
                     last = batch.number
@@ -235,7 +273,7 @@ class _Load:
                         if done["checksum"] != batch.checksum:
                             halt(self._changed(plan, batch, "differ from what was loaded"))
                             return
-                        self.report.add_skipped(done["rows_loaded"], done["rows_rejected"])
+                        report.add_skipped(done["rows_loaded"], done["rows_rejected"])
                         continue
                     if plan.verify_only:
                         halt(self._changed(plan, batch, "were not in it when it was loaded"))
@@ -247,6 +285,33 @@ class _Load:
                 for _ in range(workers):
                     await queue.put(None)
 
+        async def load_one(batch: Batch) -> None:
+            await replicas_ok.wait()
+            await gate.acquire()
+            report.in_flight += 1
+            started = time.monotonic()
+            failures_before = report.retries
+            try:
+                outcome = await sink.load(batch)
+            finally:
+                report.in_flight -= 1
+                await gate.release()
+            if self.controller is not None:
+                for _ in range(report.retries - failures_before):
+                    self.controller.record(time.monotonic() - started, 0, ok=False)
+                await gate.resize(self.controller.record(time.monotonic() - started, batch.rows))
+                report.concurrency_now = gate.places
+            notes = [RejectNote(self.original_line(r.line), r.sqlstate, r.message) for r in outcome.rejects]
+            report.add_batch(outcome.rows_loaded, outcome.rows_rejected, notes)
+            limit = options.max_errors
+            if limit is not None and report.rows_rejected > limit:
+                halt(
+                    LoaderError(
+                        f"stopped: {report.rows_rejected} rows rejected, more than --max-errors {limit}; "
+                        f"the {report.rows_loaded:,} rows of committed batches stay loaded"
+                    )
+                )
+
         async def work() -> None:
             """Load batches until the reader says stop; after a fatal error, drain without loading."""
             fatal: BaseException | None = None
@@ -254,42 +319,83 @@ class _Load:
                 if fatal is not None or stop.is_set():
                     continue
                 try:
-                    outcome = await sink.load(batch)
+                    await load_one(batch)
                 except Exception as exc:  # noqa: BLE001 - kept, and raised once the queue is drained
                     fatal = exc
                     stop.set()
-                    continue
-                notes = [RejectNote(self.original_line(r.line), r.sqlstate, r.message) for r in outcome.rejects]
-                self.report.add_batch(outcome.rows_loaded, outcome.rows_rejected, notes)
-                limit = self.options.max_errors
-                if limit is not None and self.report.rows_rejected > limit:
-                    halt(
-                        LoaderError(
-                            f"stopped: {self.report.rows_rejected} rows rejected, more than --max-errors {limit}; "
-                            f"the {self.report.rows_loaded:,} rows of committed batches stay loaded"
-                        )
-                    )
             if fatal is not None:
                 raise fatal
 
         tasks = [asyncio.create_task(read()), *(asyncio.create_task(work()) for _ in range(workers))]
 
-        async def watch_interrupt() -> None:
-            """Stop cleanly; whatever is still running after a grace period is cancelled, which
-            rolls its transaction back (the ledger keeps that exact)."""
-            assert interrupt is not None
-            await interrupt.wait()
-            halt(Interrupted("interrupted: in-flight batches finished or rolled back; run the same command again to resume"))
+        async def stop_then_cancel(reason: LoaderError) -> None:
+            """Stop cleanly; whatever still runs after a grace period is cancelled, which rolls
+            its transaction back (the ledger keeps that exact)."""
+            halt(reason)
+            replicas_ok.set()
             await asyncio.sleep(INTERRUPT_GRACE_S)
             for task in tasks:
                 task.cancel()
 
-        watcher = asyncio.create_task(watch_interrupt()) if interrupt is not None else None
+        async def watch_interrupt() -> None:
+            assert interrupt is not None
+            await interrupt.wait()
+            await stop_then_cancel(
+                Interrupted("interrupted: in-flight batches finished or rolled back; run the same command again to resume")
+            )
+
+        async def watch_deadline() -> None:
+            assert options.deadline is not None
+            await asyncio.sleep(max(0.0, options.deadline - time.time()))
+            await stop_then_cancel(
+                TryAgainLater(
+                    f"the deadline {datetime.fromtimestamp(options.deadline).astimezone():%Y-%m-%d %H:%M %Z} came: "
+                    "no new batch was started, and the next run resumes the load"
+                )
+            )
+
+        async def watch_replicas() -> None:
+            assert options.max_replica_lag is not None
+            lag_meter, waited, said = ReplicaLag(), 0.0, 0.0
+            while not stop.is_set():
+                lag, replicas = await lag_meter.measure(self.control)
+                if lag > options.max_replica_lag:
+                    if replicas_ok.is_set() or time.monotonic() - said > 30:
+                        log.warning("loader: waiting: a replica lags %.1f s, more than --max-replica-lag %g s", lag, options.max_replica_lag)
+                        said = time.monotonic()
+                    replicas_ok.clear()
+                    report.waiting_for_replicas = True
+                    waited += REPLICA_POLL_S
+                    if options.max_lag_wait is not None and waited > options.max_lag_wait:
+                        halt(
+                            LoaderError(
+                                f"stopped: replicas lagged more than {options.max_replica_lag:g} s for longer than "
+                                f"--max-lag-wait {options.max_lag_wait:g} s; the next run resumes the load"
+                            )
+                        )
+                        replicas_ok.set()
+                        return
+                elif not replicas_ok.is_set():
+                    log.warning("loader: replicas caught up (lag %.1f s): going on", lag)
+                    replicas_ok.set()
+                    report.waiting_for_replicas = False
+                await asyncio.sleep(REPLICA_POLL_S)
+
+        watchers = [
+            asyncio.create_task(w())
+            for w, wanted in (
+                (watch_interrupt, interrupt is not None),
+                (watch_deadline, options.deadline is not None),
+                (watch_replicas, options.max_replica_lag is not None),
+            )
+            if wanted
+        ]
         try:
             results = await asyncio.gather(*tasks, return_exceptions=True)
         finally:
-            if watcher is not None:
+            for watcher in watchers:
                 watcher.cancel()
+            await asyncio.gather(*watchers, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)]
         for exc in errors:
             if not isinstance(exc, LoaderError):
@@ -300,10 +406,22 @@ class _Load:
             raise stopped[0]
 
 
-async def load(options: LoadOptions, interrupt: asyncio.Event | None = None) -> Report:
+def _position(source: Source) -> int:
+    try:
+        return source.raw.tell()
+    except (OSError, ValueError):
+        return 0
+
+
+async def load(
+    options: LoadOptions,
+    interrupt: asyncio.Event | None = None,
+    on_start: Callable[[Report], None] | None = None,
+) -> Report:
     """Run one `loader import`; returns the report, raises LoaderError when it cannot finish
     (with the report of what was done attached as `.report`). Setting `interrupt` stops the
-    load cleanly: no new batch starts, in-flight ones finish, the load is marked interrupted."""
+    load cleanly: no new batch starts, in-flight ones finish, the load is marked interrupted.
+    `on_start` receives the live report (for progress displays)."""
     started = time.monotonic()
     source = open_source(options.source)
     try:
@@ -313,26 +431,25 @@ async def load(options: LoadOptions, interrupt: asyncio.Event | None = None) -> 
             record = await asyncio.to_thread(batcher.read_header)
             header_fields = parse_header(record, options.dialect, source.name) if record is not None else None
         report = Report(source=source.name, table=options.table, load_id="", workers=options.workers)
+        report.bytes_total = source.size
 
         def on_retry(exc: BaseException) -> None:
             report.count_retry(exc)
             log.info("retrying after a transient failure: %s", " ".join(str(exc).split()) or type(exc).__name__)
 
-        pool = await open_pool(options, on_retry=on_retry)
+        if on_start is not None:
+            on_start(report)
+        control = await connect(options, on_retry=on_retry)
         try:
-            lock = await connect(options, on_retry=on_retry)
-            try:
-                run = _Load(options, source, pool, report, on_retry)
-                run.header = batcher.header
-                await run.run(batcher, header_fields, lock, interrupt)
-            except LoaderError as exc:
-                report.elapsed_s = time.monotonic() - started
-                exc.report = report if report.load_id and not isinstance(exc, UsageError) else None
-                raise
-            finally:
-                await lock.close()
+            run = _Load(options, source, control, report, on_retry)
+            run.header = batcher.header
+            await run.run(batcher, header_fields, interrupt)
+        except LoaderError as exc:
+            report.elapsed_s = time.monotonic() - started
+            exc.report = report if report.load_id and not isinstance(exc, UsageError) else None
+            raise
         finally:
-            await pool.close()
+            await control.close()
     finally:
         source.close()
     report.elapsed_s = time.monotonic() - started

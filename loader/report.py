@@ -37,6 +37,13 @@ class Report:
     rejects_file: str | None = None
     rejects: list[RejectNote] = field(default_factory=list)
     note: str | None = None  # why this run had nothing to do
+    concurrency: dict[str, int] | None = None  # --workers auto: min, max and final batches in flight
+    # Live state, for progress displays.
+    bytes_read: int = 0
+    bytes_total: int | None = None
+    in_flight: int = 0
+    concurrency_now: int = 0
+    waiting_for_replicas: bool = False
 
     def count_retry(self, _exc: BaseException) -> None:
         self.retries += 1
@@ -64,6 +71,8 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        for live in ("bytes_read", "bytes_total", "in_flight", "concurrency_now", "waiting_for_replicas"):
+            data.pop(live)
         data["elapsed_s"] = round(self.elapsed_s, 3)
         data["rows_per_s"] = round(self.rows_per_s, 1)
         data["exit_code"] = self.exit_code
@@ -78,6 +87,9 @@ class Report:
             f"in {self.elapsed_s:.1f} s ({self.rows_per_s:,.0f} rows/s); "
             f"{self.batches} batches, {self.retries} retries"
         )
+        if self.concurrency:
+            c = self.concurrency
+            head += f"; concurrency {c['min']}-{c['max']}, settled at {c['final']}"
         if self.rows_skipped:
             head += f"; {self.rows_skipped:,} rows were loaded by an earlier run (load {self.load_id}, resumed)"
         if self.rows_rejected:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -23,6 +23,7 @@ from .ledger import Ledger
 from .options import CsvDialect, LoadOptions, RetryPolicy
 from .rejects import Reject
 from .retry import retrying
+from .throttle import TokenBucket
 
 T = TypeVar("T")
 
@@ -94,16 +95,34 @@ async def _connecting(options: LoadOptions, connect: Callable[[str | None], Awai
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _settings(options: LoadOptions) -> dict[str, str]:
-    return {"application_name": options.application_name}
+def _settings(options: LoadOptions, application_name: str | None = None) -> dict[str, str]:
+    settings = {"application_name": application_name or options.application_name}
+    if options.statement_timeout is not None:
+        settings["statement_timeout"] = f"{int(options.statement_timeout * 1000)}ms"
+    if options.lock_timeout is not None:
+        settings["lock_timeout"] = f"{int(options.lock_timeout * 1000)}ms"
+    return settings
 
 
-async def open_pool(options: LoadOptions, on_retry: Callable[[BaseException], None] | None = None) -> asyncpg.Pool:
-    """A pool of exactly `workers` connections; transient failures are retried, the rest explained."""
+async def open_pool(
+    options: LoadOptions,
+    size: int,
+    application_name: str,
+    on_retry: Callable[[BaseException], None] | None = None,
+    lazy: bool = False,
+) -> asyncpg.Pool:
+    """A pool of at most `size` connections (all opened now unless `lazy`); transient failures
+    are retried, the rest explained. Idle connections of a lazy pool close after 10 s, so a
+    load that lowers its concurrency gives connections back."""
 
     async def create(dsn: str | None) -> asyncpg.Pool:
         return await asyncpg.create_pool(
-            dsn, min_size=options.workers, max_size=options.workers, timeout=15, server_settings=_settings(options)
+            dsn,
+            min_size=1 if lazy else size,
+            max_size=size,
+            max_inactive_connection_lifetime=10.0 if lazy else 300.0,
+            timeout=15,
+            server_settings=_settings(options, application_name),
         )
 
     return await _connecting(options, create, on_retry)
@@ -175,6 +194,63 @@ class Outcome:
     already: bool = False  # committed by an earlier attempt or run; nothing was written now
 
 
+def copy_options(dialect: CsvDialect) -> dict[str, str]:
+    """COPY's options for the dialect; HEADER is never sent (the loader takes the header off)."""
+    options = {
+        "format": "csv",
+        "delimiter": dialect.delimiter,
+        "quote": dialect.quote,
+        "null": dialect.null,
+        "encoding": dialect.pg_encoding,
+    }
+    if dialect.escape is not None:
+        options["escape"] = dialect.escape
+    return options
+
+
+PACE_CHUNK = 64 * 1024
+
+
+async def _paced(data: bytes, bucket: TokenBucket, unit: str) -> AsyncIterator[memoryview]:
+    """The batch in small chunks, each let through by the token bucket: a smooth pace."""
+    view = memoryview(data)
+    for start in range(0, len(view), PACE_CHUNK):
+        chunk = view[start : start + PACE_CHUNK]
+        await bucket.take(len(chunk) if unit == "bytes" else bytes(chunk).count(b"\n"))
+        yield chunk
+
+
+async def copy_rows(
+    conn: asyncpg.Connection,
+    target: Target,
+    columns: Sequence[str],
+    options: dict[str, str],
+    data: bytes,
+    pace: tuple[TokenBucket, str] | None = None,
+) -> int:
+    """One COPY of raw CSV bytes; the number of rows the server took."""
+    source: object = memoryview(data)  # not bytes: asyncpg would take bytes for a file name
+    if pace is not None:
+        source = _paced(data, *pace)
+    status = await conn.copy_to_table(target.name, schema_name=target.schema, columns=list(columns), source=source, **options)
+    return int(status.rsplit(" ", 1)[1])
+
+
+async def check_copy(conn: asyncpg.Connection, target: Target, columns: Sequence[str], dialect: CsvDialect) -> None:
+    """COPY nothing in a rolled-back transaction: the table, the columns, the options and the
+    privileges are all checked before the first batch, so mistakes exit 2 at once."""
+    try:
+        async with conn.transaction():
+            await copy_rows(conn, target, columns, copy_options(dialect), b"")
+            raise _Rollback
+    except _Rollback:
+        pass
+    except asyncpg.PostgresError as exc:
+        if is_transient(exc):
+            raise
+        raise UsageError(f"cannot load into {target.display}: {server_message(exc)}") from None
+
+
 class Sink:
     """COPYs batches into the target, each in its own transaction with its ledger row."""
 
@@ -188,6 +264,7 @@ class Sink:
         load_id: str,
         retry: RetryPolicy,
         on_retry: Callable[[BaseException], None] | None = None,
+        pace: tuple[TokenBucket, str] | None = None,
     ) -> None:
         self._pool = pool
         self.target = target
@@ -197,44 +274,13 @@ class Sink:
         self._load_id = load_id
         self._retry = retry
         self._on_retry = on_retry
-        self._copy_options = {
-            "format": "csv",
-            "delimiter": dialect.delimiter,
-            "quote": dialect.quote,
-            "null": dialect.null,
-            "encoding": dialect.pg_encoding,
-        }
-        if dialect.escape is not None:
-            self._copy_options["escape"] = dialect.escape
+        self._pace = pace
+        self._copy_options = copy_options(dialect)
         self.copies = 0  # COPY statements sent, for the report and the fast-path test
 
     async def _copy(self, conn: asyncpg.Connection, data: bytes) -> int:
         self.copies += 1
-        status = await conn.copy_to_table(
-            self.target.name,
-            schema_name=self.target.schema,
-            columns=list(self.columns),
-            source=memoryview(data),  # not bytes: asyncpg would take bytes for a file name
-            **self._copy_options,
-        )
-        return int(status.rsplit(" ", 1)[1])
-
-    async def check(self) -> None:
-        """COPY nothing in a rolled-back transaction: the table, the columns, the options and
-        the privileges are all checked before the first batch, so mistakes exit 2 at once."""
-        async with self._pool.acquire() as conn:
-            try:
-                async with conn.transaction():
-                    await self._copy(conn, b"")
-                    raise _Rollback
-            except _Rollback:
-                pass
-            except asyncpg.PostgresError as exc:
-                if is_transient(exc):
-                    raise
-                raise UsageError(f"cannot load into {self.target.display}: {server_message(exc)}") from None
-            finally:
-                self.copies -= 1
+        return await copy_rows(conn, self.target, self.columns, self._copy_options, data, self._pace)
 
     async def load(self, batch: Batch) -> Outcome:
         """Load one batch, retrying transient failures; rows the server refuses become rejects.

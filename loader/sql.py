@@ -142,3 +142,24 @@ UPDATE {schema}.loads l
           FROM {schema}.batches WHERE load_id = $1) b
  WHERE l.load_id = $1
 """
+
+# --- the server's pressure ---------------------------------------------------------------
+
+# Connection slots: max_connections less the reserved ones, and the backends in use.
+CONNECTION_BUDGET = """
+SELECT current_setting('max_connections')::int AS max_connections,
+       current_setting('superuser_reserved_connections')::int
+         + coalesce(current_setting('reserved_connections', true)::int, 0) AS reserved,
+       (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')::int AS in_use
+"""
+
+CAN_MONITOR = "SELECT pg_has_role(current_user, 'pg_monitor', 'USAGE')"
+
+# Where the primary's WAL is now, and how far the slowest streaming replica has replayed.
+REPLICATION_POSITIONS = """
+SELECT pg_current_wal_lsn() AS current,
+       (SELECT min(replay_lsn) FROM pg_stat_replication WHERE state = 'streaming') AS slowest,
+       (SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming')::int AS replicas
+"""
+
+SET_APPLICATION_NAME = "SELECT set_config('application_name', $1, false)"

@@ -64,7 +64,7 @@ def test_user_mistake(ready: Db, tmp_path: Path, action: str, args: list[str], c
 
 
 def test_unreachable_server_is_retried_then_exits_1(ready: Db, tmp_path: Path) -> None:
-    run = ready.loader("import", "good.csv", "-t", "t", "--retries", "2", "--dsn", "postgresql://u:pw@127.0.0.1:1/db")
+    run = ready.loader("import", "good.csv", "-t", "t", "--retries", "2", "--dsn", "postgresql://u@127.0.0.1:1/db")
     assert run.code == 1
     line = one_error_line(run.stderr)
     assert "cannot connect to PostgreSQL at 127.0.0.1:1/db after 3 attempts" in line
@@ -76,13 +76,25 @@ def test_bad_password_exits_2_and_never_shows_the_password(ready: Db) -> None:
         "EXCEPTION WHEN duplicate_object THEN NULL; END $$"
     )
     wrong = with_user(ready.dsn, PASSWORD_USER, "Wr0ng-Secret-42")
-    run = ready.loader("import", "good.csv", "-t", "t", "--dsn", wrong)
+    run = ready.loader("import", "good.csv", "-t", "t", env={"LOADER_DSN": wrong})
     assert run.code == 2
     line = one_error_line(run.stderr)
     assert "password authentication failed" in line
     assert "Wr0ng-Secret-42" not in run.stderr + run.stdout
     right = with_user(ready.dsn, PASSWORD_USER, PASSWORD)
-    assert ready.loader("import", "good.csv", "-t", "t", "--dsn", right).code == 0
+    assert ready.loader("import", "good.csv", "-t", "t", env={"LOADER_DSN": right}).code == 0
+
+
+def test_a_password_on_the_command_line_gets_a_warning(ready: Db) -> None:
+    ready.sql(
+        f"DO $$ BEGIN CREATE ROLE {PASSWORD_USER} LOGIN SUPERUSER PASSWORD '{PASSWORD}'; "
+        "EXCEPTION WHEN duplicate_object THEN NULL; END $$"
+    )
+    run = ready.loader("import", "good.csv", "-t", "t", "--dsn", with_user(ready.dsn, PASSWORD_USER, PASSWORD))
+    assert run.code == 0
+    warnings = [line for line in run.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "~/.pgpass" in warnings[0]
+    assert PASSWORD not in run.stderr
 
 
 def test_missing_database_exits_2(ready: Db) -> None:
@@ -96,6 +108,6 @@ def test_missing_privilege_exits_2_before_loading(ready: Db) -> None:
     ready.sql("DO $$ BEGIN CREATE ROLE reader LOGIN PASSWORD 'reader-pw'; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
     ready.sql("GRANT SELECT ON t TO reader")
     ready.sql("CREATE SCHEMA loader AUTHORIZATION reader")  # the ledger is allowed; the table is not
-    run = ready.loader("import", "good.csv", "-t", "t", "--dsn", with_user(ready.dsn, "reader", "reader-pw"))
+    run = ready.loader("import", "good.csv", "-t", "t", env={"LOADER_DSN": with_user(ready.dsn, "reader", "reader-pw")})
     assert run.code == 2, run.stderr
     assert "permission denied for table t" in one_error_line(run.stderr)

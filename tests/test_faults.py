@@ -24,7 +24,7 @@ CREATE TRIGGER slow BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION slow()
 
 KILL_A_COPY = """
 SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
- WHERE application_name = 'loader' AND state = 'active' AND query ILIKE 'COPY%'
+ WHERE application_name LIKE 'loader %' AND state = 'active' AND query ILIKE 'COPY%'
 """
 
 
@@ -59,7 +59,7 @@ def test_a_batch_committed_by_an_earlier_attempt_is_not_loaded_again(db: Db, tmp
 
     async def twice() -> tuple[Outcome, Outcome]:
         options = LoadOptions(source=str(csv), table="t", dsn=db.dsn, workers=1)
-        pool = await open_pool(options)
+        pool = await open_pool(options, 1, "loader test")
         try:
             async with pool.acquire() as conn:
                 target = await resolve_target(conn, "t")
@@ -89,7 +89,7 @@ def test_the_server_never_sees_more_connections_than_workers(db: Db, tmp_path: P
     seen: list[int] = []
 
     def sample() -> bool:
-        seen.append(db.value("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'loader'"))
+        seen.append(db.value("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'loader %'"))
         return proc.poll() is not None
 
     until(sample, timeout=300, interval=0.05)

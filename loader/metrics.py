@@ -1,0 +1,57 @@
+"""--metrics-file: the last run, as a Prometheus textfile for node_exporter's textfile collector.
+
+Written at the end of every run, success or failure, and replaced atomically (a temp file
+in the same folder renamed over it), so the collector never reads half a file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from .report import Report
+
+_METRICS = (
+    ("loader_last_run_end_timestamp_seconds", "gauge", "When the last run ended (Unix time)."),
+    ("loader_last_run_success", "gauge", "1 if the last run loaded every row (exit 0), else 0."),
+    ("loader_last_run_exit_code", "gauge", "Exit code of the last run."),
+    ("loader_last_run_rows_read", "gauge", "Rows the last run read."),
+    ("loader_last_run_rows_loaded", "gauge", "Rows the last run loaded."),
+    ("loader_last_run_rows_rejected", "gauge", "Rows the last run rejected."),
+    ("loader_last_run_retries", "gauge", "Transient failures the last run retried."),
+    ("loader_last_run_duration_seconds", "gauge", "How long the last run took."),
+)
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def write(path: Path, table: str, exit_code: int, report: Report | None, duration: float) -> None:
+    values = [
+        time.time(),
+        1 if exit_code == 0 else 0,
+        exit_code,
+        report.rows_read if report else 0,
+        report.rows_loaded if report else 0,
+        report.rows_rejected if report else 0,
+        report.retries if report else 0,
+        round(duration, 3),
+    ]
+    labels = f'{{table="{_label(table)}"}}'
+    text = "".join(
+        f"# HELP {name} {doc}\n# TYPE {name} {kind}\n{name}{labels} {value}\n"
+        for (name, kind, doc), value in zip(_METRICS, values)
+    )
+    folder = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
