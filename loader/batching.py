@@ -143,6 +143,10 @@ class Batcher:
         self._source = source
         self._read_size = read_size
         self._find_ends = record_end_finder(dialect)
+        self._quote = dialect.quote.encode()
+        # With doubled quotes (the default), record ends are found by quote parity alone.
+        self._parity = dialect.escape_char == dialect.quote
+        self._not_quote_or_newline = bytes(b for b in range(256) if b not in (self._quote[0], 0x0A))
         self._strip_bom = dialect.python_encoding == "utf-8"
         self._batch_rows = batch_rows
         self._batch_bytes = batch_bytes
@@ -203,6 +207,15 @@ class Batcher:
 
     def read_header(self) -> bytes | None:
         """Take the first record off the stream, without its line ending (None for an empty file)."""
+        if self._parity:
+            self._start()
+            end = self._record_end_after(0, 0, 0)
+            if end == 0:
+                return None
+            record = self._tail[:end]
+            self.header = record.rstrip(b"\r\n")
+            self._consume(self._tail, end, _lines_spanned(record))
+            return self.header
         while (scanned := self._scan()) is not None:
             data, lines, ends = scanned
             if ends:
@@ -215,8 +228,129 @@ class Batcher:
             self._consume(self._tail, len(self._tail), _lines_spanned(self._tail))
         return self.header
 
+    # --- the parity path: whole batches cut with a few C-level calls each ---------------------
+
+    def _fill(self, wanted: int) -> bool:
+        """Read until the tail holds `wanted` bytes; False when the source is exhausted first."""
+        parts = [self._tail]
+        have = len(self._tail)
+        while have < wanted and not self._eof:
+            block = read_block(self._source, max(self._read_size, wanted - have))
+            if not block:
+                self._eof = True
+                break
+            parts.append(block)
+            have += len(block)
+        if len(parts) > 1:
+            self._tail = b"".join(parts)
+        return have >= wanted
+
+    def _record_end_after(self, start: int, scanned: int, quotes: int) -> int:
+        """The end (just past the newline) of the first record ending at or after `scanned`, given
+        that `quotes` quote characters lie in tail[start:scanned]; reads on as needed. At the end of
+        the source, the end of the data (a last record without a line ending)."""
+        while True:
+            buf = self._tail
+            newline = buf.find(b"\n", scanned)
+            if newline >= 0:
+                quotes += buf.count(self._quote, scanned, newline)
+                scanned = newline + 1
+                if quotes % 2 == 0:
+                    return scanned
+                continue
+            quotes += buf.count(self._quote, scanned)
+            scanned = len(buf)
+            if len(buf) - start > MAX_RECORD_BYTES:
+                raise LoaderError(
+                    f"{self._source.name}: the record starting at line {self._line} is longer than "
+                    f"{MAX_RECORD_BYTES >> 20} MiB; is a quote left open?"
+                )
+            if not self._fill(len(buf) + self._read_size):
+                if len(self._tail) == scanned:
+                    return scanned
+
+    def _segments(self, data: bytes) -> list[bytes]:
+        """`data` (starting at a record start) stripped to its quotes and newlines, adjacent quote
+        pairs dropped (they do not change whether a newline is quoted), split at the quotes left:
+        the even segments are outside quotes, the odd ones inside, and each is only newlines."""
+        quote = self._quote
+        return data.translate(None, self._not_quote_or_newline).replace(quote + quote, b"").split(quote)
+
+    @staticmethod
+    def _last_outside(segments: list[bytes]) -> tuple[int, int, int]:
+        """(newlines up to the last newline outside quotes, records they end, the segment's index);
+        (0, 0, -1) when no newline is outside quotes."""
+        for index in range(len(segments) - 1 - (len(segments) - 1) % 2, -1, -2):
+            if segments[index]:
+                newlines = sum(map(len, segments[: index + 1]))
+                records = sum(map(len, segments[0 : index + 1 : 2]))
+                return newlines, records, index
+        return 0, 0, -1
+
+    @staticmethod
+    def _newline_end(data: bytes, newlines: int, total: int) -> int:
+        """Offset just past the `newlines`-th newline of `data`, which holds `total` of them."""
+        if total - newlines <= 64:  # usually 0: count back from the end
+            end = len(data)
+            for _ in range(total - newlines + 1):
+                end = data.rfind(b"\n", 0, end)
+            return end + 1
+        pieces = data.split(b"\n", newlines)
+        return sum(map(len, pieces[:newlines])) + newlines
+
+    def _end_of_record(self, data: bytes, segments: list[bytes], k: int, total: int) -> tuple[int, int]:
+        """(offset just past the k-th record's newline, newlines up to there); `data` holds `total`
+        newlines (`segments` may describe more bytes than `data`)."""
+        remaining, newlines = k, 0
+        for i, segment in enumerate(segments):
+            if i % 2 == 0 and remaining <= len(segment):
+                newlines += remaining
+                break
+            if i % 2 == 0:
+                remaining -= len(segment)
+            newlines += len(segment)
+        return self._newline_end(data, newlines, total), newlines
+
+    def _iter_parity(self) -> Iterator[Batch]:
+        number = 0
+        while True:
+            complete = self._fill(self._batch_bytes + 1)
+            buf = self._tail
+            if not buf:
+                return
+            if not complete and len(buf) <= self._batch_bytes:  # the rest of the source fits in one batch
+                data = buf
+                segments = self._segments(data)
+                newlines, rows, _ = self._last_outside(segments)
+                total = sum(map(len, segments))
+                if newlines < total or not data.endswith(b"\n"):
+                    rows += 1  # a last record without a line ending, or with a quote left open
+                lines = _lines_spanned(data)
+            else:
+                data = buf[: self._batch_bytes]
+                segments = self._segments(data)
+                newlines, rows, index = self._last_outside(segments)
+                if index >= 0:
+                    data = data[: self._newline_end(data, newlines, sum(map(len, segments)))]
+                    lines = total = newlines
+                else:  # one record longer than --batch-bytes travels alone
+                    end = self._record_end_after(0, 0, 0)  # may read on, replacing the tail
+                    buf = self._tail
+                    data = buf[:end]
+                    segments, total = [], 0
+                    rows, lines = 1, _lines_spanned(data)
+            if rows > self._batch_rows:
+                end, newlines = self._end_of_record(data, segments, self._batch_rows, total)
+                data, rows, lines = data[:end], self._batch_rows, newlines
+            number += 1
+            yield Batch(number, data, self._line, lines, rows, self._offset, hashlib.sha256(data).hexdigest())
+            self._consume(buf, len(data), lines)
+
     def __iter__(self) -> Iterator[Batch]:
         self._start()
+        if self._parity:
+            yield from self._iter_parity()
+            return
         pending = _Pending(self._offset, self._line)
         number = 0
         while (scanned := self._scan()) is not None:
