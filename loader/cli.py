@@ -353,6 +353,18 @@ def _setup_logging(verbose: bool) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
     logger.propagate = False
+    # asyncpg's pool logs reconnection trouble with tracebacks: one line, and only with --verbose.
+    quiet = logging.StreamHandler(sys.stderr)
+    quiet.setFormatter(_NoTraceback(stamp + "%(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
+    driver = logging.getLogger("asyncpg")
+    driver.handlers[:] = [quiet] if verbose else [logging.NullHandler()]
+    driver.propagate = False
+
+
+class _NoTraceback(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return " ".join(super().format(record).split("\n")[:1])
 
 
 def log(message: str) -> None:

@@ -20,6 +20,7 @@ from .options import CsvDialect
 from .rejects import Reject
 
 MIN_PIECE = 16
+COPY_FORMAT_ERROR = "22P04"  # bad_copy_file_format: field count, line endings, open quotes
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,9 +130,20 @@ async def isolate(
                 stack.append((lo, mid, None, False))
             continue
         bad += lo
-        rejects.append(_reject(records[bad], error))
+        if hi - lo > 1 and sqlstate(error) == COPY_FORMAT_ERROR:
+            # COPY takes the line-ending style from a piece's first record, so a record that ends
+            # differently is refused among others but may load alone: try it alone before rejecting.
+            try:
+                loaded += await copy(records[bad].data)
+                error = None
+            except Exception as exc:
+                if not is_data_error(exc):
+                    raise
+                error = exc
+        if error is not None:
+            rejects.append(_reject(records[bad], error))
         settled += 1
-        piece = max(MIN_PIECE, (settled + bad - lo) // len(rejects))
+        piece = max(MIN_PIECE, (settled + bad - lo) // max(1, len(rejects)))
         if bad + 1 < hi:
             stack.append((bad + 1, hi, None, False))
         if bad > lo:

@@ -10,6 +10,7 @@ more than `workers` connections from a load.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -18,7 +19,8 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -40,7 +42,9 @@ from .throttle import ConcurrencyController, Gate, TokenBucket
 
 
 log = logging.getLogger("loader")
+T = TypeVar("T")
 
+SESSION_CHECK_S = 0.5
 INTERRUPT_GRACE_S = 3.0  # after SIGINT/SIGTERM or the deadline, how long batches in flight may take
 REPLICA_POLL_S = 0.5
 
@@ -98,18 +102,66 @@ class _Plan:
     nothing_to_do: str | None = None  # why this run has no work
 
 
+class _Session:
+    """The load's own connection, which holds the table's lock. When the server restarts under
+    it, it reconnects and takes the lock again, or stops the load (exit 75) if another load
+    took the table in the meantime."""
+
+    def __init__(self, options: LoadOptions, conn: asyncpg.Connection, on_retry: Callable[[BaseException], None]) -> None:
+        self.options = options
+        self.conn = conn
+        self.on_retry = on_retry
+        self.application_name = options.application_name
+        self.table: tuple[int, str] | None = None  # (oid, name) once the lock is held
+
+    async def lock(self, table_oid: int, table: str) -> None:
+        await lock_table(self.conn, table_oid, table, self.options.wait_lock)
+        self.table = (table_oid, table)
+
+    async def name(self, application_name: str) -> None:
+        self.application_name = application_name
+        await self.conn.execute(sql.SET_APPLICATION_NAME, application_name)
+
+    async def get(self) -> asyncpg.Connection:
+        if self.conn.is_closed():
+            await self.reconnect()
+        return self.conn
+
+    async def reconnect(self) -> None:
+        log.warning("loader: the load's session was lost (server restart?): reconnecting")
+        self.conn = await connect(self.options, on_retry=self.on_retry)
+        await self.conn.execute(sql.SET_APPLICATION_NAME, self.application_name)
+        if self.table is not None and not await self.conn.fetchval(sql.TRY_TABLE_LOCK, self.table[0]):
+            raise TryAgainLater(
+                f"the server restarted and another load took {self.table[1]} meanwhile; "
+                "this run stops here and a later run resumes"
+            )
+
+    async def keep(self) -> None:
+        """Watch the session while batches load, so the lock is taken back as soon as it can be."""
+        while True:
+            await asyncio.sleep(SESSION_CHECK_S)
+            if self.conn.is_closed():
+                await self.reconnect()
+
+    async def close(self) -> None:
+        if not self.conn.is_closed():
+            await self.conn.close()
+
+
 class _Load:
     """The state of one run. `control` is the load's own session: it holds the table's lock,
     plans the load, watches the replicas and closes the load in the ledger; the pool's
     connections only load batches."""
 
     def __init__(
-        self, options: LoadOptions, source: Source, control: asyncpg.Connection, report: Report,
+        self, options: LoadOptions, source: Source, session: _Session, report: Report,
         on_retry: Callable[[BaseException], None],
     ) -> None:
         self.options = options
         self.source = source
-        self.control = control
+        self.session = session
+        self.streaming = False
         self.report = report
         self.on_retry = on_retry
         self.ledger = Ledger(options.ledger_schema)
@@ -123,7 +175,7 @@ class _Load:
 
     async def _plan(self, key: str | None, target: Target) -> _Plan:
         """New load, resumed load, or nothing to do: decided from the ledger, under the table's lock."""
-        conn, options, boundaries = self.control, self.options, _boundaries(self.options)
+        conn, options, boundaries = self.session.conn, self.options, _boundaries(self.options)
         size, mtime = self.source.size, _mtime(self.source)
         latest = await self.ledger.latest(conn, key) if key else None
         fresh = latest is None or options.restart or (latest["state"] == "succeeded" and options.force)
@@ -135,18 +187,24 @@ class _Load:
             return _Plan(load_id, {})
         assert latest is not None
         load_id = latest["load_id"]
+        finished = latest["state"] == "succeeded"
+        if finished and size is not None and (size, mtime) == (latest["source_size"], latest["source_mtime"]):
+            done = f"{latest['finished_at']:%Y-%m-%d %H:%M:%S %Z}"
+            return _Plan(load_id, {}, nothing_to_do=f"already loaded by load {load_id} (finished {done})")
         recorded = json.loads(await conn.fetchval(self.ledger.boundaries_sql, load_id))
         if recorded != boundaries:
             changed = ", ".join(f"{k} {recorded.get(k)!r} (now {v!r})" for k, v in boundaries.items() if recorded.get(k) != v)
+            if finished:
+                raise UsageError(
+                    f"{self.options.source} was loaded by load {load_id} with {changed}; to check that it is "
+                    "unchanged, run with those options; to load it again as a new load, pass --force"
+                )
             raise UsageError(
                 f"load {load_id} of {self.options.source} was started with {changed}; "
-                "run with the same options to resume it, or pass --restart to start a new load"
+                "run with the same options to resume it (or --restart to start a new load)"
             )
         committed = await self.ledger.committed_batches(conn, load_id)
-        if latest["state"] == "succeeded":
-            finished = f"{latest['finished_at']:%Y-%m-%d %H:%M:%S %Z}"
-            if size is not None and (size, mtime) == (latest["source_size"], latest["source_mtime"]):
-                return _Plan(load_id, committed, nothing_to_do=f"already loaded by load {load_id} (finished {finished})")
+        if finished:
             return _Plan(load_id, committed, verify_only=True)
         await self.ledger.resume(conn, load_id, size, mtime)
         return _Plan(load_id, committed)
@@ -154,7 +212,7 @@ class _Load:
     async def _workers(self) -> int:
         """--workers, lowered to what the server can spare (see pressure.ConnectionBudget)."""
         wanted = self.options.workers
-        budget = await connection_budget(self.control)
+        budget = await connection_budget(self.session.conn)
         if budget.allowed < 1:
             raise TryAgainLater(f"no connection to spare for a load: {budget.describe()}")
         if wanted > budget.allowed:
@@ -164,7 +222,7 @@ class _Load:
         return wanted
 
     async def run(self, batcher: Batcher, header_fields: list[str] | None, interrupt: asyncio.Event | None) -> None:
-        options, report, conn = self.options, self.report, self.control
+        options, report, conn = self.options, self.report, self.session.conn
         target = await resolve_target(conn, options.table)
         report.table = target.display
         columns = _columns(options, target, header_fields)
@@ -172,14 +230,14 @@ class _Load:
         await check_copy(conn, target, columns, options.dialect)
         if options.max_replica_lag is not None:
             await require_monitor(conn)
-        await lock_table(conn, target.oid, target.display, options.wait_lock)
+        await self.session.lock(target.oid, target.display)
         plan = await self._plan(_load_key(options, self.source, target), target)
         report.load_id = plan.load_id
         if plan.nothing_to_do:
             report.note = plan.nothing_to_do
             return
         application_name = f"{options.application_name} {plan.load_id}"[:63]
-        await conn.execute(sql.SET_APPLICATION_NAME, application_name)
+        await self.session.name(application_name)
         workers = await self._workers()
         report.workers = workers
         if plan.committed:
@@ -194,6 +252,7 @@ class _Load:
         try:
             pace = (TokenBucket(options.max_rate.amount), options.max_rate.unit) if options.max_rate else None
             sink = Sink(pool, target, columns, options.dialect, self.ledger, plan.load_id, options.retry, self.on_retry, pace)
+            self.streaming = True
             try:
                 await self._stream(batcher, sink, plan, interrupt, workers)
             except LoaderError as exc:
@@ -203,6 +262,7 @@ class _Load:
             await pool.close()
         if self.controller is not None:
             report.concurrency = self.controller.summary
+        conn = await self.session.get()
         if plan.verify_only and error is None:
             report.note = f"already loaded by load {plan.load_id}; the source is unchanged (verified)"
             await self.ledger.update_source(conn, plan.load_id, self.source.size, _mtime(self.source))
@@ -226,8 +286,9 @@ class _Load:
             async for r in rows:
                 yield Reject(self.original_line(r.line), r.sqlstate, r.message, r.record)
 
-        async with self.control.transaction():
-            rows = self.ledger.rejects(self.control, load_id)
+        conn = await self.session.get()
+        async with conn.transaction():
+            rows = self.ledger.rejects(conn, load_id)
             await rejects_file.write(self.rejects_path, self.header, remapped(rows), self.options.dialect.python_encoding)
         self.report.rejects_file = str(self.rejects_path)
 
@@ -358,7 +419,7 @@ class _Load:
             assert options.max_replica_lag is not None
             lag_meter, waited, said = ReplicaLag(), 0.0, 0.0
             while not stop.is_set():
-                lag, replicas = await lag_meter.measure(self.control)
+                lag, replicas = await lag_meter.measure(await self.session.get())
                 if lag > options.max_replica_lag:
                     if replicas_ok.is_set() or time.monotonic() - said > 30:
                         log.warning("loader: waiting: a replica lags %.1f s, more than --max-replica-lag %g s", lag, options.max_replica_lag)
@@ -381,7 +442,7 @@ class _Load:
                     report.waiting_for_replicas = False
                 await asyncio.sleep(REPLICA_POLL_S)
 
-        watchers = [
+        watchers = [asyncio.create_task(self.session.keep())] + [
             asyncio.create_task(w())
             for w, wanted in (
                 (watch_interrupt, interrupt is not None),
@@ -390,10 +451,17 @@ class _Load:
             )
             if wanted
         ]
+        def on_watcher_done(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and isinstance(task.exception(), LoaderError):
+                asyncio.get_running_loop().create_task(stop_then_cancel(task.exception()))  # type: ignore[arg-type]
+
+        for watcher in watchers:
+            watcher.add_done_callback(on_watcher_done)
         try:
             results = await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             for watcher in watchers:
+                watcher.remove_done_callback(on_watcher_done)
                 watcher.cancel()
             await asyncio.gather(*watchers, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)]
@@ -404,6 +472,40 @@ class _Load:
             raise errors[0]
         if stopped:
             raise stopped[0]
+
+
+async def _interruptible(job: Awaitable[T], interrupt: asyncio.Event | None) -> T:
+    """Await `job`, unless a signal comes first (then it is cancelled)."""
+    task = asyncio.ensure_future(job)
+    if interrupt is None:
+        return await task
+    waiter = asyncio.ensure_future(interrupt.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        raise Interrupted("interrupted before loading began; nothing was loaded")
+    return task.result()
+
+
+async def _until_streaming(run: _Load, job: Awaitable[None], interrupt: asyncio.Event | None) -> None:
+    """A signal while the load is still connecting, waiting for the table or planning cancels it;
+    once batches flow, the load itself stops cleanly (see _Load._stream)."""
+    task = asyncio.ensure_future(job)
+    while interrupt is not None and not task.done() and not run.streaming:
+        waiter = asyncio.ensure_future(interrupt.wait())
+        await asyncio.wait({task, waiter}, timeout=0.2, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if interrupt.is_set() and not run.streaming and not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            raise Interrupted("interrupted before loading began; nothing was loaded, and the next run starts afresh")
+    await task
 
 
 def _position(source: Source) -> int:
@@ -439,17 +541,17 @@ async def load(
 
         if on_start is not None:
             on_start(report)
-        control = await connect(options, on_retry=on_retry)
+        session = _Session(options, await _interruptible(connect(options, on_retry=on_retry), interrupt), on_retry)
         try:
-            run = _Load(options, source, control, report, on_retry)
+            run = _Load(options, source, session, report, on_retry)
             run.header = batcher.header
-            await run.run(batcher, header_fields, interrupt)
+            await _until_streaming(run, run.run(batcher, header_fields, interrupt), interrupt)
         except LoaderError as exc:
             report.elapsed_s = time.monotonic() - started
             exc.report = report if report.load_id and not isinstance(exc, UsageError) else None
             raise
         finally:
-            await control.close()
+            await session.close()
     finally:
         source.close()
     report.elapsed_s = time.monotonic() - started

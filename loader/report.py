@@ -67,6 +67,8 @@ class Report:
 
     @property
     def exit_code(self) -> int:
+        if self.note:  # nothing to do: the earlier run already answered for its rejects
+            return EXIT_OK
         return EXIT_REJECTS if self.rows_rejected else EXIT_OK
 
     def to_dict(self) -> dict[str, Any]:

@@ -30,9 +30,9 @@ SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
 
 def test_killed_connections_are_retried_without_losing_or_duplicating_a_row(db: Db, tmp_path: Path) -> None:
     db.script(SLOW_EVENTS)
-    rows = 200_000
+    rows = 400_000
     csv = write_csv(tmp_path / "e.csv", event_rows(rows), EVENTS_HEADER)
-    proc = db.spawn("import", str(csv), "-t", "events", "--workers", "2", "--batch-size", "4000", "--json")
+    proc = db.spawn("import", str(csv), "-t", "events", "--workers", "2", "--batch-size", "2000", "--json")
     killed = 0
 
     def kill_a_copy() -> bool:
