@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import ctypes
 import json
 import logging
 import os
@@ -385,8 +386,20 @@ def _fail(message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
+def _return_big_buffers_to_the_os() -> None:
+    """Batches are megabytes each; glibc's default raises its mmap threshold after the first
+    frees, and then keeps freed batches in the heap, so peak RSS would grow with the number of
+    batches ever alive rather than those alive at once. Fix the threshold at 1 MiB, as
+    MALLOC_MMAP_THRESHOLD_ would (glibc only; elsewhere nothing to do)."""
+    try:
+        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
     """Entry point: every error becomes one line on stderr and its exit code."""
+    _return_big_buffers_to_the_os()
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name="loader", standalone_mode=False)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from .errors import UsageError
 
 DEFAULT_BATCH_ROWS = 50_000
-DEFAULT_BATCH_BYTES = 8 * 1024 * 1024
+DEFAULT_BATCH_BYTES = 4 * 1024 * 1024
 DEFAULT_WORKERS = 2
 DEFAULT_RETRIES = 5
 
