@@ -162,6 +162,7 @@ class _Load:
         self.source = source
         self.session = session
         self.streaming = False
+        self.loaded_now: dict[int, tuple[int, int]] = {}  # batches this run committed: rows loaded, rejected
         self.report = report
         self.on_retry = on_retry
         self.ledger = Ledger(options.ledger_schema)
@@ -271,6 +272,8 @@ class _Load:
             raise error
         if await conn.fetchval(self.ledger.count_rejects_sql, plan.load_id):
             await self._write_rejects(plan.load_id)
+        if error is None:
+            error = await self._lost_batches(conn, plan.load_id)
         if error is None and report.rows_read != report.rows_loaded + report.rows_rejected + report.rows_skipped:
             error = LoaderError(
                 f"accounting mismatch: read {report.rows_read} rows, loaded {report.rows_loaded}, "
@@ -280,6 +283,24 @@ class _Load:
         await self.ledger.finish(conn, plan.load_id, state, error.message if error else None)
         if error is not None:
             raise error
+
+    async def _lost_batches(self, conn: asyncpg.Connection, load_id: str) -> LoaderError | None:
+        """Batches commit asynchronously; a server crash can lose the last ones (their rows and
+        ledger rows together). Before the load's final, synchronous commit makes everything
+        durable, check that every batch this run committed is still in the ledger."""
+        present = await self.ledger.committed_batches(conn, load_id)
+        lost = [number for number in self.loaded_now if number not in present]
+        if not lost:
+            return None
+        rows = sum(self.loaded_now[number][0] for number in lost)
+        rejected = sum(self.loaded_now[number][1] for number in lost)
+        self.report.rows_loaded -= rows
+        self.report.rows_rejected -= rejected
+        self.report.rows_read -= rows + rejected
+        return TryAgainLater(
+            f"the server lost {len(lost)} committed batches ({rows:,} rows) in a crash; "
+            "run the same command again to load them (the ledger knows which)"
+        )
 
     async def _write_rejects(self, load_id: str) -> None:
         async def remapped(rows: AsyncIterator[Reject]) -> AsyncIterator[Reject]:
@@ -364,6 +385,8 @@ class _Load:
                 report.concurrency_now = gate.places
             notes = [RejectNote(self.original_line(r.line), r.sqlstate, r.message) for r in outcome.rejects]
             report.add_batch(outcome.rows_loaded, outcome.rows_rejected, notes)
+            if not outcome.already:
+                self.loaded_now[batch.number] = (outcome.rows_loaded, outcome.rows_rejected)
             limit = options.max_errors
             if limit is not None and report.rows_rejected > limit:
                 halt(

@@ -122,7 +122,11 @@ async def open_pool(
             max_size=size,
             max_inactive_connection_lifetime=10.0 if lazy else 300.0,
             timeout=15,
-            server_settings=_settings(options, application_name),
+            # A batch's commit need not wait for its WAL to reach the disk: the batch's rows and
+            # its ledger row are lost together or kept together, and the load's last commit
+            # (synchronous, on its own session) makes them all durable before it reports
+            # success, after checking that none was lost (see pipeline._Load.run).
+            server_settings={**_settings(options, application_name), "synchronous_commit": "off"},
         )
 
     return await _connecting(options, create, on_retry)

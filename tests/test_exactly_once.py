@@ -286,8 +286,8 @@ def test_a_server_restart_mid_load_loses_and_doubles_nothing(
     local_cluster.stop_server(mode)
     local_cluster.start_server()
     _, err = proc.communicate(timeout=300)
-    if proc.returncode != 0:  # it may give up; the next run must then finish the job
-        assert proc.returncode == 1, err.decode()
+    if proc.returncode != 0:  # it may give up (1), or find that the crash lost batches (75)
+        assert proc.returncode in (1, 75), err.decode()
         rerun = db.loader(*command)
         assert rerun.code == 0, rerun.stderr
     again = db.loader(*command)
