@@ -51,6 +51,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -271,6 +272,8 @@ def import_(
     load, and does nothing for a finished one."""
     _setup_logging(verbose)
     try:
+        if log_interval <= 0:
+            raise UsageError("--log-interval must be more than 0 seconds")
         options = _options(**locals())
     except LoaderError as exc:
         if metrics_file:
@@ -408,10 +411,10 @@ def main(argv: list[str] | None = None) -> NoReturn:
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except TyperException as exc:  # the command line itself is wrong
-        message = " ".join(exc.format_message().split())
-        if not message:  # bare `loader`: the help was the answer
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `loader`: the help is the answer
+            print(exc.format_message(), file=sys.stderr)
             sys.exit(EXIT_USAGE)
-        _fail(message, EXIT_USAGE)
+        _fail(" ".join(exc.format_message().split()), EXIT_USAGE)
     except typer.Abort:
         _fail("interrupted", EXIT_FATAL)
     except KeyboardInterrupt:

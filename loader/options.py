@@ -193,6 +193,8 @@ class LoadOptions:
         ):
             if value is not None and value <= 0:
                 raise UsageError(f"{name} must be more than 0 seconds")
+        if self.max_lag_wait is not None and self.max_replica_lag is None:
+            raise UsageError("--max-lag-wait goes with --max-replica-lag")
         if self.wait_lock < 0:
             raise UsageError("--wait-lock cannot be negative")
         if self.load_name is not None and not self.load_name.strip():

@@ -231,6 +231,7 @@ class _Load:
         await check_copy(conn, target, columns, options.dialect)
         if options.max_replica_lag is not None:
             await require_monitor(conn)
+        workers = await self._workers()
         await self.session.lock(target.oid, target.display)
         plan = await self._plan(_load_key(options, self.source, target), target)
         report.load_id = plan.load_id
@@ -239,7 +240,6 @@ class _Load:
             return
         application_name = f"{options.application_name} {plan.load_id}"[:63]
         await self.session.name(application_name)
-        workers = await self._workers()
         report.workers = workers
         if plan.committed:
             log.info("%s: resuming load %s: %d batches were committed by earlier runs", options.source, plan.load_id, len(plan.committed))
@@ -340,6 +340,8 @@ class _Load:
                 stopped.append(reason)
                 stop.set()
 
+        cancelled: list[bool] = []
+
         async def read() -> None:
             batches = iter(batcher)
             last = 0
@@ -363,23 +365,29 @@ class _Load:
                     await queue.put(batch)
                 if not stop.is_set() and plan.committed and max(plan.committed) > last:
                     halt(self._changed(plan, None, "is shorter than what was loaded"))
+            except asyncio.CancelledError:
+                cancelled.append(True)  # the workers are cancelled too: nobody waits for end markers
+                raise
             finally:
-                for _ in range(workers):
-                    await queue.put(None)
+                if not cancelled:
+                    for _ in range(workers):
+                        await queue.put(None)
 
         async def load_one(batch: Batch) -> None:
             await replicas_ok.wait()
             await gate.acquire()
+            if stop.is_set():  # stopped while this batch waited (replicas, deadline, signal)
+                await gate.release()
+                return
             report.in_flight += 1
             started = time.monotonic()
-            failures_before = report.retries
             try:
                 outcome = await sink.load(batch)
             finally:
                 report.in_flight -= 1
                 await gate.release()
             if self.controller is not None:
-                for _ in range(report.retries - failures_before):
+                for _ in range(outcome.retries):
                     self.controller.record(time.monotonic() - started, 0, ok=False)
                 await gate.resize(self.controller.record(time.monotonic() - started, batch.rows))
                 report.concurrency_now = gate.places

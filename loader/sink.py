@@ -6,6 +6,7 @@ table and its columns, checking the COPY options) become the loader's own errors
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -98,9 +99,9 @@ async def _connecting(options: LoadOptions, connect: Callable[[str | None], Awai
 def _settings(options: LoadOptions, application_name: str | None = None) -> dict[str, str]:
     settings = {"application_name": application_name or options.application_name}
     if options.statement_timeout is not None:
-        settings["statement_timeout"] = f"{int(options.statement_timeout * 1000)}ms"
+        settings["statement_timeout"] = f"{max(1, round(options.statement_timeout * 1000))}ms"
     if options.lock_timeout is not None:
-        settings["lock_timeout"] = f"{int(options.lock_timeout * 1000)}ms"
+        settings["lock_timeout"] = f"{max(1, round(options.lock_timeout * 1000))}ms"
     return settings
 
 
@@ -196,6 +197,7 @@ class Outcome:
     rows_rejected: int
     rejects: list[Reject]  # refused now (empty when an earlier attempt or run committed it)
     already: bool = False  # committed by an earlier attempt or run; nothing was written now
+    retries: int = 0  # transient failures of this batch before it went through
 
 
 def copy_options(dialect: CsvDialect) -> dict[str, str]:
@@ -303,14 +305,15 @@ class Sink:
         try:
             async for attempt in retrying(self._retry, self._on_retry):
                 with attempt:
+                    retries = attempt.retry_state.attempt_number - 1
                     if refusal is None:
                         try:
-                            return await self._load_fast(batch)
+                            return dataclasses.replace(await self._load_fast(batch), retries=retries)
                         except Exception as exc:
                             if not is_data_error(exc):
                                 raise
                             refusal = exc
-                    return await self._load_isolating(batch, refusal)
+                    return dataclasses.replace(await self._load_isolating(batch, refusal), retries=retries)
         except LoaderError:
             raise
         except Exception as exc:
