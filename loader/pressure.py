@@ -1,8 +1,8 @@
 """The server's pressure: how many connections a load may take, and how far replicas lag.
 
 The connection rule: a load never takes more than the free slots (max_connections, less
-the reserved ones, less the backends in use) minus a margin kept free for everyone else:
-max(3, 10% of max_connections).
+the reserved ones, less the backends in use, the load's own session included) minus a
+margin kept free for everyone else: max(1, 5% of max_connections), rounded up.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class ConnectionBudget:
 
     @property
     def margin(self) -> int:
-        return max(3, math.ceil(self.max_connections * 0.1))
+        return max(1, math.ceil(self.max_connections * 0.05))
 
     @property
     def allowed(self) -> int:
@@ -37,7 +37,7 @@ class ConnectionBudget:
     def describe(self) -> str:
         return (
             f"the server has {self.max_connections} connection slots, {self.reserved} reserved, "
-            f"{self.in_use} in use, and {self.margin} are kept free for others"
+            f"{self.in_use} in use, and {self.margin} kept free for others"
         )
 
 
