@@ -30,11 +30,12 @@ import asyncpg
 from . import rejects as rejects_file
 from . import sql
 from .batching import Batch, Batcher, parse_header
-from .errors import Interrupted, LoaderError, SourceChanged, TryAgainLater, UsageError
+from .errors import Interrupted, LoaderError, SourceChanged, TryAgainLater, UsageError, sqlstate
 from .ledger import Ledger, lock_table
 from .options import LoadOptions
 from .rejects import Reject
 from .report import RejectNote, Report
+from .retry import TOO_MANY_CONNECTIONS
 from .pressure import ReplicaLag, connection_budget, require_monitor
 from .sink import Sink, Target, check_copy, connect, open_pool, resolve_target
 from .source import Source, open_source
@@ -169,6 +170,7 @@ class _Load:
         self.header: bytes | None = None
         self.rejects_path = Path(options.rejects) if options.rejects else rejects_file.default_path(options.source)
         self.controller: ConcurrencyController | None = None
+        self.gate: Gate | None = None
 
     def original_line(self, line: int) -> int:
         lines = self.options.source_lines
@@ -252,7 +254,7 @@ class _Load:
         error: LoaderError | None = None
         try:
             pace = (TokenBucket(options.max_rate.amount), options.max_rate.unit) if options.max_rate else None
-            sink = Sink(pool, target, columns, options.dialect, self.ledger, plan.load_id, options.retry, self.on_retry, pace)
+            sink = Sink(pool, target, columns, options.dialect, self.ledger, plan.load_id, options.retry, self._on_batch_retry, pace)
             self.streaming = True
             try:
                 await self._stream(batcher, sink, plan, interrupt, workers)
@@ -283,6 +285,14 @@ class _Load:
         await self.ledger.finish(conn, plan.load_id, state, error.message if error else None)
         if error is not None:
             raise error
+
+    def _on_batch_retry(self, exc: BaseException) -> None:
+        """A batch will be retried; "too many connections" also means: take one fewer."""
+        self.on_retry(exc)
+        if sqlstate(exc) == TOO_MANY_CONNECTIONS and self.gate is not None and self.gate.places > 1:
+            places = self.gate.places - 1
+            log.warning("loader: the server has too many connections: going on with %d batches at once", places)
+            asyncio.get_running_loop().create_task(self.gate.resize(places))
 
     async def _lost_batches(self, conn: asyncpg.Connection, load_id: str) -> LoaderError | None:
         """Batches commit asynchronously; a server crash can lose the last ones (their rows and
@@ -330,7 +340,7 @@ class _Load:
         queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=workers)
         stop = asyncio.Event()
         stopped: list[LoaderError] = []
-        gate = Gate(self.controller.limit if self.controller else workers)
+        gate = self.gate = Gate(self.controller.limit if self.controller else workers)
         report.concurrency_now = gate.places
         replicas_ok = asyncio.Event()
         replicas_ok.set()

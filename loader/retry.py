@@ -1,13 +1,21 @@
-"""Retrying transient failures: exponential backoff with jitter, a bounded number of attempts."""
+"""Retrying transient failures: exponential backoff with jitter, a bounded number of attempts.
+
+"Too many connections" (53300) is the server asking for fewer of them, not a fault: it does
+not use up the attempts; it is retried for up to `TOO_MANY_CONNECTIONS_PATIENCE_S` while the
+load lowers its concurrency (see pipeline)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
-from .errors import is_transient
+from .errors import is_transient, sqlstate
 from .options import RetryPolicy
+
+
+TOO_MANY_CONNECTIONS = "53300"
+TOO_MANY_CONNECTIONS_PATIENCE_S = 600.0
 
 
 def retrying(policy: RetryPolicy, on_retry: Callable[[BaseException], None] | None = None) -> AsyncRetrying:
@@ -19,8 +27,14 @@ def retrying(policy: RetryPolicy, on_retry: Callable[[BaseException], None] | No
             if exc is not None:
                 on_retry(exc)
 
+    def stop(state: RetryCallState) -> bool:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        if exc is not None and sqlstate(exc) == TOO_MANY_CONNECTIONS:
+            return state.seconds_since_start >= TOO_MANY_CONNECTIONS_PATIENCE_S
+        return state.attempt_number >= policy.attempts
+
     return AsyncRetrying(
-        stop=stop_after_attempt(policy.attempts),
+        stop=stop,
         wait=wait_exponential_jitter(multiplier=policy.initial_wait, max=policy.max_wait, jitter=policy.initial_wait),
         retry=retry_if_exception(is_transient),
         before_sleep=before_sleep,
