@@ -389,6 +389,7 @@ class _Load:
             if stop.is_set():  # stopped while this batch waited (replicas, deadline, signal)
                 await gate.release()
                 return
+            saturated = gate.taken >= gate.places
             report.in_flight += 1
             started = time.monotonic()
             try:
@@ -399,7 +400,7 @@ class _Load:
             if self.controller is not None:
                 for _ in range(outcome.retries):
                     self.controller.record(time.monotonic() - started, 0, ok=False)
-                await gate.resize(self.controller.record(time.monotonic() - started, batch.rows))
+                await gate.resize(self.controller.record(time.monotonic() - started, batch.rows, saturated=saturated))
                 report.concurrency_now = gate.places
             notes = [RejectNote(self.original_line(r.line), r.sqlstate, r.message) for r in outcome.rejects]
             report.add_batch(outcome.rows_loaded, outcome.rows_rejected, notes)

@@ -47,6 +47,7 @@ class _Round:
     rows: int = 0
     latency: float = 0.0
     errors: int = 0
+    saturated: bool = False  # some batch of the round found every place taken
 
 
 @dataclass
@@ -59,7 +60,7 @@ class ConcurrencyController:
     minimum: int = 1
     limit: int = 1
     gain: float = 1.05  # throughput must rise 5% to count as rising
-    climb: float = 1.5  # latency up 50% counts as climbing
+    climb: float = 1.2  # latency up 20% counts as climbing
     cut: float = 0.7
     clock: Callable[[], float] = time.monotonic
     history: list[tuple[float, int]] = field(default_factory=list)
@@ -70,8 +71,10 @@ class ConcurrencyController:
         self.limit = max(self.minimum, min(self.limit, self.maximum))
         self.history.append((self.clock(), self.limit))
 
-    def record(self, latency: float, rows: int, ok: bool = True) -> int:
-        """Account one finished batch (or failed attempt); returns the limit to use now."""
+    def record(self, latency: float, rows: int, ok: bool = True, saturated: bool = True) -> int:
+        """Account one finished batch (or failed attempt); returns the limit to use now.
+        `saturated`: the batch filled the last place, so the limit was what held the load back
+        (when batches wait for the reader instead, a higher limit would change nothing)."""
         now = self.clock()
         current = self._round or _Round(started=now - latency)
         self._round = current
@@ -79,6 +82,7 @@ class ConcurrencyController:
         current.rows += rows if ok else 0
         current.latency += latency
         current.errors += 0 if ok else 1
+        current.saturated = current.saturated or saturated
         if not ok:
             return self._set(max(self.minimum, min(self.limit - 1, int(self.limit * self.cut))), now)
         if current.batches < self.limit:
@@ -87,10 +91,10 @@ class ConcurrencyController:
         throughput, mean_latency = current.rows / elapsed, current.latency / current.batches
         previous, self._previous = self._previous, (throughput, mean_latency)
         if previous is None:
-            return self._set(self.limit + 1, now)
+            return self._set(self.limit + (1 if current.saturated else 0), now)
         rising = throughput > previous[0] * self.gain
         climbing = mean_latency > previous[1] * self.climb
-        if rising and not climbing:
+        if rising and not climbing and current.saturated:
             return self._set(self.limit + 1, now)
         if climbing and not rising:
             return self._set(self.limit - 1, now)
