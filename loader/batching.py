@@ -411,13 +411,3 @@ def parse_header(record: bytes, dialect: CsvDialect, source_name: str) -> list[s
         strict=False,
     )
     return next(reader, [])
-
-
-def record_lines(batch: Batch, dialect: CsvDialect) -> list[int]:
-    """The source line on which each record of the batch starts (slow path: errors only)."""
-    lines = batch.data.split(b"\n")
-    if lines and not lines[-1]:
-        lines.pop()
-    ends = record_end_finder(dialect)(lines)
-    starts = [batch.first_line, *(batch.first_line + end + 1 for end in ends)]
-    return starts[: batch.rows]

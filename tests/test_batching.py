@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loader.batching import Batch, Batcher, parse_header, record_lines
+from loader.batching import Batch, Batcher, parse_header
+from loader.isolate import split_records
 from loader.options import CsvDialect
 from loader.source import Source
 
@@ -156,7 +157,7 @@ def check_batches(
     assert b"".join(b.data for b in batches) == b"".join(records)
     assert sum(b.rows for b in batches) == len(records)
     assert [b.number for b in batches] == list(range(1, len(batches) + 1))
-    assert [r for b in batches for r in record_lines(b, dialect)] == start_lines(records, first_line)
+    assert [r for b in batches for r in split_records(b, dialect).lines] == start_lines(records, first_line)
 
     line, offset, taken = first_line, first_offset, 0
     for k, b in enumerate(batches):
@@ -367,7 +368,7 @@ def test_a_quote_left_open_at_end_of_file_is_kept_as_the_last_record(
     assert batches, "the open record was lost"
     last = batches[-1]
     assert last.data.endswith(tail)
-    assert record_lines(last, d)[-1] == 1 + body.count(b"\n")
+    assert split_records(last, d).lines[-1] == 1 + body.count(b"\n")
     check_batches(
         batches,
         [*records, tail],
@@ -551,11 +552,11 @@ def test_batch_rows_limits_each_batch() -> None:
     assert [b.offset for b in batches] == [0, 6, 12]
 
 
-def test_record_lines_gives_each_record_its_starting_line() -> None:
+def test_each_record_of_a_batch_is_found_on_its_starting_line() -> None:
     data = b'h\n1,"a\nb\nc"\n2,x\n3,"\r\n"\r\n4,y\n'
     _, batches = cut(data, CsvDialect(), batch_rows=10)
     assert len(batches) == 1
-    assert record_lines(batches[0], CsvDialect()) == [2, 5, 6, 8]
+    assert split_records(batches[0], CsvDialect()).lines == [2, 5, 6, 8]
 
 
 @settings(max_examples=300, deadline=None)
