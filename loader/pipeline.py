@@ -3,8 +3,8 @@
 The reader runs in a thread (file reads and decompression release the GIL) and hands
 batches to a queue of `workers` places, so at most 2 × workers batches are in memory
 and the reader waits whenever the workers are busy: memory stays flat whatever the
-file's size. Each worker owns one pooled connection at a time, so the server never sees
-more than `workers` connections from a load.
+file's size. Each worker owns one pooled connection at a time, so the server sees at most
+`workers` loading connections, plus the load's own session that holds the table's lock.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 import asyncpg
 
@@ -34,9 +34,9 @@ from .errors import Interrupted, LoaderError, SourceChanged, TryAgainLater, Usag
 from .ledger import Ledger, lock_table
 from .options import LoadOptions
 from .rejects import Reject
+from .pressure import ReplicaLag, connection_budget, require_monitor
 from .report import RejectNote, Report
 from .retry import TOO_MANY_CONNECTIONS
-from .pressure import ReplicaLag, connection_budget, require_monitor
 from .sink import Sink, Target, check_copy, connect, open_pool, resolve_target
 from .source import Source, open_source
 from .throttle import ConcurrencyController, Gate, TokenBucket
@@ -132,11 +132,8 @@ class _Session:
         log.warning("loader: the load's session was lost (server restart?): reconnecting")
         self.conn = await connect(self.options, on_retry=self.on_retry)
         await self.conn.execute(sql.SET_APPLICATION_NAME, self.application_name)
-        if self.table is not None and not await self.conn.fetchval(sql.TRY_TABLE_LOCK, self.table[0]):
-            raise TryAgainLater(
-                f"the server restarted and another load took {self.table[1]} meanwhile; "
-                "this run stops here and a later run resumes"
-            )
+        if self.table is not None:  # taken back at once, or another load got it meanwhile: exit 75
+            await lock_table(self.conn, *self.table, wait=0.0)
 
     async def keep(self) -> None:
         """Watch the session while batches load, so the lock is taken back as soon as it can be."""
@@ -151,9 +148,8 @@ class _Session:
 
 
 class _Load:
-    """The state of one run. `control` is the load's own session: it holds the table's lock,
-    plans the load, watches the replicas and closes the load in the ledger; the pool's
-    connections only load batches."""
+    """The state of one run. Its session holds the table's lock, plans the load, watches the
+    replicas and closes the load in the ledger; the pool's connections only load batches."""
 
     def __init__(
         self, options: LoadOptions, source: Source, session: _Session, report: Report,
@@ -516,38 +512,23 @@ class _Load:
             raise stopped[0]
 
 
-async def _interruptible(job: Awaitable[T], interrupt: asyncio.Event | None) -> T:
-    """Await `job`, unless a signal comes first (then it is cancelled)."""
+async def _unless_interrupted(
+    job: Awaitable[T], interrupt: asyncio.Event | None, until: Callable[[], bool] = lambda: False
+) -> T:
+    """Await `job`; a signal that comes before it finishes (or before `until()` is true) cancels
+    it. Connecting, waiting for the table and planning are cancelled so; once batches flow, the
+    load stops itself cleanly (see _Load._stream)."""
     task = asyncio.ensure_future(job)
-    if interrupt is None:
-        return await task
-    waiter = asyncio.ensure_future(interrupt.wait())
-    try:
-        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        waiter.cancel()
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-        raise Interrupted("interrupted before loading began; nothing was loaded")
-    return task.result()
-
-
-async def _until_streaming(run: _Load, job: Awaitable[None], interrupt: asyncio.Event | None) -> None:
-    """A signal while the load is still connecting, waiting for the table or planning cancels it;
-    once batches flow, the load itself stops cleanly (see _Load._stream)."""
-    task = asyncio.ensure_future(job)
-    while interrupt is not None and not task.done() and not run.streaming:
+    while interrupt is not None and not task.done() and not until():
         waiter = asyncio.ensure_future(interrupt.wait())
         await asyncio.wait({task, waiter}, timeout=0.2, return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
-        if interrupt.is_set() and not run.streaming and not task.done():
+        if interrupt.is_set() and not until() and not task.done():
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
-            raise Interrupted("interrupted before loading began; nothing was loaded, and the next run starts afresh")
-    await task
+            raise Interrupted("interrupted before loading began; nothing was loaded")
+    return await task
 
 
 def _position(source: Source) -> int:
@@ -583,11 +564,11 @@ async def load(
 
         if on_start is not None:
             on_start(report)
-        session = _Session(options, await _interruptible(connect(options, on_retry=on_retry), interrupt), on_retry)
+        session = _Session(options, await _unless_interrupted(connect(options, on_retry=on_retry), interrupt), on_retry)
         try:
             run = _Load(options, source, session, report, on_retry)
             run.header = batcher.header
-            await _until_streaming(run, run.run(batcher, header_fields, interrupt), interrupt)
+            await _unless_interrupted(run.run(batcher, header_fields, interrupt), interrupt, until=lambda: run.streaming)
         except LoaderError as exc:
             report.elapsed_s = time.monotonic() - started
             exc.report = report if report.load_id and not isinstance(exc, UsageError) else None
