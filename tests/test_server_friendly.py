@@ -360,12 +360,18 @@ def standby(local_cluster: LocalCluster, db: Db) -> Iterator[Standby]:
         until(lambda: db.value("SELECT count(*) FROM pg_stat_replication") == 0, timeout=60)
 
 
-def test_a_lagging_replica_pauses_the_load_until_it_catches_up(db: Db, standby: Standby, background: Any, tmp_path: Path) -> None:
-    rows = 300_000
+def events_behind_a_paused_replica(db: Db, standby: Standby, tmp_path: Path, rows: int) -> Path:
+    """A slow events table, a file of `rows` rows, and a standby caught up, then paused."""
     db.script(SLOW_EVENTS.format(name="events"))
     csv = plain_csv(tmp_path / "e.csv", rows)
     until(lambda: db.value(CAUGHT_UP), timeout=60)
     standby.psql("SELECT pg_wal_replay_pause()")
+    return csv
+
+
+def test_a_lagging_replica_pauses_the_load_until_it_catches_up(db: Db, standby: Standby, background: Any, tmp_path: Path) -> None:
+    rows = 300_000
+    csv = events_behind_a_paused_replica(db, standby, tmp_path, rows)
     # paced, so that the load lasts long enough for the replica to fall more than 1 s behind
     run = background("import", str(csv), "-t", "events", "--workers", "2", "--batch-size", "5000",
                      "--max-rate", "50000", "--max-replica-lag", "1")
@@ -830,10 +836,7 @@ def test_a_load_that_gives_up_on_a_lagging_replica_sends_no_more_batches(
     workers so that they can drain; but the workers waiting on it hold a batch each and load
     it, so up to --workers batches are sent to the lagging replica after the loader gave up."""
     rows = 300_000
-    db.script(SLOW_EVENTS.format(name="events"))
-    csv = plain_csv(tmp_path / "e.csv", rows)
-    until(lambda: db.value(CAUGHT_UP), timeout=60)
-    standby.psql("SELECT pg_wal_replay_pause()")
+    csv = events_behind_a_paused_replica(db, standby, tmp_path, rows)
     run = background("import", str(csv), "-t", "events", "--workers", "2", "--batch-size", "5000",
                      "--max-rate", "50000", "--max-replica-lag", "1", "--max-lag-wait", "4")
     until(lambda: "waiting" in run.stderr() or not run.running(), timeout=120)
