@@ -9,9 +9,6 @@ import sys
 import time
 from contextlib import suppress
 
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
 from .report import Report
 
 log = logging.getLogger("loader")
@@ -41,6 +38,10 @@ async def show(report: Report, interval: float, terminal: bool | None = None) ->
             await asyncio.sleep(interval)
             done = f"{report.bytes_read / report.bytes_total:.0%} of the file, " if report.bytes_total else ""
             log.warning("loader: %s: %s%s", report.source, done, _state(report, started))
+    # Only a terminal needs rich: cron runs do not pay for importing it.
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
     bar = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
