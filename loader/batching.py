@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from .errors import LoaderError, UsageError
 from .options import CsvDialect
-from .source import Source, read_block
+from .source import Source, read_block, read_into
 
 READ_SIZE = 1 << 20
 MAX_RECORD_BYTES = 64 << 20
@@ -36,7 +36,7 @@ class Batch:
     """Whole records, byte for byte as in the source, and where they were found."""
 
     number: int  # 1-based, in source order
-    data: bytes
+    data: bytes | bytearray  # read straight into on the fast path, and never changed after
     first_line: int  # source line (1-based, the header counts) where the first record starts
     lines: int  # physical lines spanned; more than rows when fields hold newlines
     rows: int
@@ -311,40 +311,64 @@ class Batcher:
             newlines += len(segment)
         return self._newline_end(data, newlines, total), newlines
 
+    def _next_buffer(self) -> tuple[bytearray, bytes]:
+        """The tail and fresh bytes, up to `batch_bytes`, read straight into a buffer of their
+        own, which becomes the batch's data: its bytes are never copied. Also the bytes read
+        past the buffer (b"" once the source is exhausted: then the buffer holds all that is left)."""
+        size = self._batch_bytes + 1  # the extra byte tells whether the source goes on
+        tail = self._tail
+        if len(tail) >= size:  # left over from a record longer than --batch-bytes
+            return bytearray(tail[: size - 1]), tail[size - 1 :]
+        buf = bytearray(size)
+        buf[: len(tail)] = tail
+        filled = len(tail)
+        with memoryview(buf) as view:
+            while filled < size and not self._eof:
+                got = read_into(self._source, view[filled : min(size, filled + self._read_size)])
+                self._eof = not got
+                filled += got
+        del buf[filled:]
+        self._tail = b""
+        if filled < size:
+            return buf, b""
+        extra = bytes(buf[-1:])
+        del buf[-1:]
+        return buf, extra
+
     def _iter_parity(self) -> Iterator[Batch]:
         number = 0
         while True:
-            complete = self._fill(self._batch_bytes + 1)
-            buf = self._tail
+            buf, extra = self._next_buffer()
             if not buf:
                 return
-            if not complete and len(buf) <= self._batch_bytes:  # the rest of the source fits in one batch
-                data = buf
-                segments = self._segments(data)
+            segments = self._segments(buf)
+            total = sum(map(len, segments))  # newlines in buf
+            if not extra:  # the rest of the source fits in one batch
+                end = len(buf)
                 newlines, rows, _ = self._last_outside(segments)
-                total = sum(map(len, segments))
-                if newlines < total or not data.endswith(b"\n"):
+                if newlines < total or not buf.endswith(b"\n"):
                     rows += 1  # a last record without a line ending, or with a quote left open
-                lines = _lines_spanned(data)
+                lines = _lines_spanned(buf)
             else:
-                data = buf[: self._batch_bytes]
-                segments = self._segments(data)
                 newlines, rows, index = self._last_outside(segments)
-                if index >= 0:
-                    data = data[: self._newline_end(data, newlines, sum(map(len, segments)))]
-                    lines = total = newlines
-                else:  # one record longer than --batch-bytes travels alone
-                    end = self._record_end_after(0, 0, 0)  # may read on, replacing the tail
-                    buf = self._tail
-                    data = buf[:end]
-                    segments, total = [], 0
-                    rows, lines = 1, _lines_spanned(data)
+                if index < 0:  # one record longer than --batch-bytes travels alone
+                    self._tail = bytes(buf) + extra
+                    end = self._record_end_after(0, 0, 0)  # reads on, replacing the tail
+                    buf, extra = bytearray(self._tail[:end]), self._tail[end:]
+                    segments, total, rows, lines = [], 0, 1, _lines_spanned(buf)
+                else:
+                    end, lines = self._newline_end(buf, newlines, total), newlines
             if rows > self._batch_rows:
-                end, newlines = self._end_of_record(data, segments, self._batch_rows, total)
-                data, rows, lines = data[:end], self._batch_rows, newlines
+                end, lines = self._end_of_record(buf, segments, self._batch_rows, total)
+                rows = self._batch_rows
+            if end < len(buf):
+                extra = bytes(buf[end:]) + extra
+                del buf[end:]
             number += 1
-            yield Batch(number, data, self._line, lines, rows, self._offset, hashlib.sha256(data).hexdigest())
-            self._consume(buf, len(data), lines)
+            yield Batch(number, buf, self._line, lines, rows, self._offset, hashlib.sha256(buf).hexdigest())
+            self._tail = extra
+            self._offset += len(buf)
+            self._line += lines
 
     def __iter__(self) -> Iterator[Batch]:
         self._start()

@@ -47,7 +47,7 @@ class Records:
 
 
 def split_records(batch: Batch, dialect: CsvDialect) -> Records:
-    lines = batch.data.split(b"\n")
+    lines = bytes(batch.data).split(b"\n")
     lines.pop()  # after the last newline: empty, or a last record without a line ending
     line_ends = list(itertools.accumulate(map(len, lines)))
     ends = record_end_finder(dialect)(lines)

@@ -61,10 +61,25 @@ def open_source(name: str) -> Source:
     return Source(name=name, stream=stream, raw=peekable, size=size, compressed=compressed)
 
 
+_READ_ERRORS = (OSError, EOFError, gzip.BadGzipFile)
+
+
 def read_block(source: Source, size: int) -> bytes:
     """Read the next block, turning I/O and decompression errors into one clear line."""
     try:
         return source.stream.read(size)
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise LoaderError(f"{source.name}: cannot read ({reason})") from None
+    except _READ_ERRORS as exc:
+        raise _cannot_read(source, exc) from None
+
+
+def read_into(source: Source, buffer: memoryview) -> int:
+    """Read into `buffer` (no copy for a plain file); how many bytes came, 0 at the end."""
+    try:
+        return source.stream.readinto(buffer)  # type: ignore[attr-defined, no-any-return]
+    except _READ_ERRORS as exc:
+        raise _cannot_read(source, exc) from None
+
+
+def _cannot_read(source: Source, exc: BaseException) -> LoaderError:
+    reason = getattr(exc, "strerror", None) or str(exc)
+    return LoaderError(f"{source.name}: cannot read ({reason})")
