@@ -128,9 +128,16 @@ async def open_pool(
             # (synchronous, on its own session) makes them all durable before it reports
             # success, after checking that none was lost (see pipeline._Load.run).
             server_settings={**_settings(options, application_name), "synchronous_commit": "off"},
+            reset=_nothing_to_reset,
         )
 
     return await _connecting(options, create, on_retry)
+
+
+async def _nothing_to_reset(conn: asyncpg.Connection) -> None:
+    """Pool connections only ever run batch transactions (which asyncpg rolls back if left
+    open): no session state, no advisory locks, no LISTEN to undo. asyncpg's default reset
+    would cost a round trip per batch."""
 
 
 async def connect(options: LoadOptions, on_retry: Callable[[BaseException], None] | None = None) -> asyncpg.Connection:
