@@ -364,6 +364,7 @@ class _Load:
                             halt(self._changed(plan, batch, "differ from what was loaded"))
                             return
                         report.add_skipped(done["rows_loaded"], done["rows_rejected"])
+                        batcher.done(batch)
                         continue
                     if plan.verify_only:
                         halt(self._changed(plan, batch, "were not in it when it was loaded"))
@@ -393,6 +394,7 @@ class _Load:
             finally:
                 report.in_flight -= 1
                 await gate.release()
+            batcher.done(batch)
             if self.controller is not None:
                 for _ in range(outcome.retries):
                     self.controller.record(time.monotonic() - started, 0, ok=False)
