@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import io
 import warnings
@@ -58,12 +59,17 @@ def cut(
     batch_bytes: int = NO_BYTE_LIMIT,
     read_size: int = 4096,
 ) -> tuple[bytes | None, list[Batch]]:
-    """The header record (when the dialect has one) and all batches of `data`."""
+    """The header record (when the dialect has one) and all batches of `data`, each handed
+    back as done (so its buffer is reused) once a copy of it is kept, as the pipeline does."""
     source = source_of(data)
     try:
         batcher = Batcher(source, dialect, batch_rows, batch_bytes, read_size=read_size)
         taken = batcher.read_header() if dialect.header else None
-        return taken, list(batcher)
+        batches = []
+        for batch in batcher:
+            batches.append(dataclasses.replace(batch, data=bytes(batch.data)))
+            batcher.done(batch)
+        return taken, batches
     finally:
         source.close()
 
@@ -579,3 +585,15 @@ def test_the_fast_cutter_cuts_exactly_where_the_line_by_line_cutter_does(
         return [(b.data, b.first_line, b.lines, b.rows, b.offset) for b in batcher]
 
     assert cut_with(True) == cut_with(False)
+
+
+def test_a_batch_handed_back_as_done_lends_its_buffer_to_a_later_batch() -> None:
+    data = b"".join(b"%d,some text\n" % i for i in range(1000))
+    batcher = Batcher(source_of(data), CsvDialect(header=False), batch_rows=10**6, batch_bytes=1024)
+    batches = iter(batcher)
+    first = next(batches)
+    buffer, first_bytes = first.data, bytes(first.data)
+    batcher.done(first)
+    second = next(batches)
+    assert second.data is buffer
+    assert first_bytes + bytes(second.data) == data[: len(first_bytes) + len(second.data)]
