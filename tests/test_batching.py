@@ -589,7 +589,7 @@ def test_the_fast_cutter_cuts_exactly_where_the_line_by_line_cutter_does(
 
 def test_a_batch_handed_back_as_done_lends_its_buffer_to_a_later_batch() -> None:
     data = b"".join(b"%d,some text\n" % i for i in range(1000))
-    batcher = Batcher(source_of(data), CsvDialect(header=False), batch_rows=10**6, batch_bytes=1024)
+    batcher = Batcher(source_of(data), CsvDialect(header=False), batch_rows=10**6, batch_bytes=1024, read_size=64)
     batches = iter(batcher)
     first = next(batches)
     buffer, first_bytes = first.data, bytes(first.data)
