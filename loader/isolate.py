@@ -12,9 +12,12 @@ close to the bad ones. Where the server names no line, the piece is bisected.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
+import operator
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from .batching import Batch, record_end_finder
 from .errors import is_data_error, server_message, sqlstate
@@ -47,17 +50,18 @@ class Records:
 
 
 def split_records(batch: Batch, dialect: CsvDialect) -> Records:
-    lines = bytes(batch.data).split(b"\n")
+    data = bytes(batch.data)  # a copy: rejects keep slices of it after the batch's buffer is reused
+    lines = data.split(b"\n")
     lines.pop()  # after the last newline: empty, or a last record without a line ending
-    line_ends = list(itertools.accumulate(map(len, lines)))
+    newline_at = list(map(operator.add, itertools.accumulate(map(len, lines)), itertools.count()))
     ends = record_end_finder(dialect)(lines)
-    offsets = [0, *(line_ends[e] + e + 1 for e in ends)]
-    starts = [batch.first_line, *(batch.first_line + e + 1 for e in ends)]
-    if offsets[-1] < len(batch.data):  # no line ending, or a quote left open at the end
-        offsets.append(len(batch.data))
+    offsets = [0, *map((1).__add__, map(newline_at.__getitem__, ends))]  # all in C: no loop per row
+    starts = [batch.first_line, *map((batch.first_line + 1).__add__, ends)]
+    if offsets[-1] < len(data):  # no line ending, or a quote left open at the end
+        offsets.append(len(data))
     else:
         starts.pop()
-    return Records(batch.data, offsets, starts)
+    return Records(data, offsets, starts)
 
 
 def find_copy_line(records: Records, lo: int, hi: int, reported: int) -> int | None:
@@ -66,9 +70,28 @@ def find_copy_line(records: Records, lo: int, hi: int, reported: int) -> int | N
     but only the kind its end-of-line detection expects: until the first record ends that is
     CR; afterwards LF for files with LF endings, CR for CRLF or CR ones. Each record
     counts at least one, so only the records up to the reported one are looked at."""
+    stop = min(hi, lo + reported)
+    data, offsets = records.data, records.offsets
+    if reported == 1:
+        return lo
+    if data.find(b"\r", offsets[lo], offsets[stop]) < 0 and data.endswith(b"\n", 0, offsets[stop]):
+        # LF endings only: the first record counts one line, each later one its LFs, so record
+        # j's line is 1 + the LFs from record lo + 1 to j's end; bisect on that, in C.
+        base = offsets[lo + 1]
+
+        def line_of(j: int) -> int:
+            return 1 + data.count(b"\n", base, offsets[j + 1])
+
+        j = bisect.bisect_left(range(lo + 1, stop), reported, key=line_of)
+        return lo + 1 + j if j < stop - lo - 1 and line_of(lo + 1 + j) == reported else None
+    return _find_copy_line_counting(records, lo, stop, reported)
+
+
+def _find_copy_line_counting(records: Records, lo: int, stop: int, reported: int) -> int | None:
+    """find_copy_line, record by record, for any line endings."""
     line = 0
     eol_is_lf: bool | None = None
-    for i in range(lo, min(hi, lo + reported)):
+    for i in range(lo, stop):
         data = records.record(i)
         ends_crlf = data.endswith(b"\r\n")
         ends_lf = data.endswith(b"\n")
@@ -95,20 +118,35 @@ def _reject(records: Records, i: int, exc: BaseException) -> Reject:
 Copy = Callable[[bytes], Awaitable[int]]
 
 
+@dataclass
+class ErrorRate:
+    """Bad rows among the rows isolated so far in a load. It sizes the pieces: one batch alone
+    holds too few bad rows to tell the density, and a guess too high costs many small COPYs."""
+
+    bad: int = 0
+    rows: int = 0
+
+    def piece(self) -> int:
+        density = max(1, self.bad) / max(1, self.rows)
+        return max(MIN_PIECE, int(PIECE_FACTOR / math.sqrt(density)))
+
+
 async def isolate(
     records: Records,
     copy: Copy,
     copy_line: Callable[[BaseException], int | None],
     first_error: BaseException | None = None,
+    rate: ErrorRate | None = None,
 ) -> tuple[int, list[Reject]]:
     """Load every good record through `copy` (each call in its own savepoint), reject the bad.
 
     `first_error` is the error of the COPY of all `records` that sent us here, so the first
-    bad row is known without sending the batch again. Returns (rows loaded, rejects)."""
+    bad row is known without sending the batch again; `rate` carries the density of bad rows
+    from batch to batch. Returns (rows loaded, rejects)."""
+    rate = rate if rate is not None else ErrorRate()
     loaded = 0
     rejects: list[Reject] = []
-    settled = 0  # records loaded or rejected so far, for the error density
-    piece = len(records)
+    piece = rate.piece() if rate.rows else len(records)
     # Ranges still to load, leftmost on top: (lo, hi, the error a COPY of exactly lo:hi
     # gave, whether lo:hi is known good and goes as one COPY).
     stack: list[tuple[int, int, BaseException | None, bool]] = [(0, len(records), first_error, False)]
@@ -120,7 +158,8 @@ async def isolate(
                 hi = lo + piece
             try:
                 loaded += await copy(records.span(lo, hi))
-                settled += hi - lo
+                if not known_good:  # a known-good range was counted with the bad row after it
+                    rate.rows += hi - lo
                 continue
             except Exception as exc:
                 if not is_data_error(exc):
@@ -131,7 +170,8 @@ async def isolate(
         if bad is None:  # the server did not say which row: bisect
             if hi - lo == 1:
                 rejects.append(_reject(records, lo, error))
-                settled += 1
+                rate.bad += 1
+                rate.rows += 1
             else:
                 mid = (lo + hi) // 2
                 stack.append((mid, hi, None, False))
@@ -149,9 +189,9 @@ async def isolate(
                 error = exc
         if error is not None:
             rejects.append(_reject(records, bad, error))
-        settled += 1
-        density = max(1, len(rejects)) / (settled + bad - lo)
-        piece = max(MIN_PIECE, int(PIECE_FACTOR / math.sqrt(density)))
+            rate.bad += 1
+        rate.rows += bad - lo + 1
+        piece = rate.piece()
         if bad + 1 < hi:
             stack.append((bad + 1, hi, None, False))
         if bad > lo:

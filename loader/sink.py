@@ -19,7 +19,7 @@ import asyncpg
 from . import sql
 from .batching import Batch
 from .errors import LoaderError, UsageError, is_data_error, is_transient, server_message, sqlstate
-from .isolate import isolate, split_records
+from .isolate import ErrorRate, isolate, split_records
 from .ledger import Ledger
 from .options import CsvDialect, LoadOptions, RetryPolicy
 from .rejects import Reject
@@ -295,6 +295,7 @@ class Sink:
         self._pace = pace
         self._copy_options = copy_options(dialect)
         self.copies = 0  # COPY statements sent, for the report and the fast-path test
+        self._error_rate = ErrorRate()  # bad rows among those isolated so far: sizes the pieces
 
     async def _copy(self, conn: asyncpg.Connection, data: bytes) -> int:
         self.copies += 1
@@ -377,11 +378,19 @@ class Sink:
                 if done is not None:
                     return done
 
-                async def copy_in_savepoint(data: bytes) -> int:
-                    async with conn.transaction():
-                        return await self._copy(conn, data)
+                await conn.execute(sql.PIECE_SAVEPOINT)
 
-                loaded, rejects = await isolate(records, copy_in_savepoint, copy_line, refusal)
+                async def copy_in_savepoint(data: bytes) -> int:
+                    try:
+                        rows = await self._copy(conn, data)
+                    except Exception as exc:
+                        if is_data_error(exc):  # isolate goes on after it: undo just this piece
+                            await conn.execute(sql.PIECE_UNDO)
+                        raise
+                    await conn.execute(sql.PIECE_KEEP)
+                    return rows
+
+                loaded, rejects = await isolate(records, copy_in_savepoint, copy_line, refusal, self._error_rate)
                 await self._ledger.record_rejects(conn, self._load_id, batch.number, loaded, rejects)
                 return Outcome(loaded, len(rejects), rejects)
 

@@ -163,3 +163,10 @@ SELECT pg_current_wal_lsn() AS current,
 """
 
 SET_APPLICATION_NAME = "SELECT set_config('application_name', $1, false)"
+
+
+# --- isolating bad rows: each piece of a refused batch in a savepoint, moved on after it ---
+
+PIECE_SAVEPOINT = "SAVEPOINT loader_piece"
+PIECE_UNDO = "ROLLBACK TO SAVEPOINT loader_piece"  # the savepoint stays, ready for the next piece
+PIECE_KEEP = "RELEASE SAVEPOINT loader_piece; SAVEPOINT loader_piece"  # one round trip

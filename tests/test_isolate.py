@@ -1,0 +1,39 @@
+"""Finding the record PostgreSQL names in a COPY error: the bisecting shortcut for LF files
+answers exactly what the record-by-record count (PostgreSQL's own rule) answers."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from loader.batching import Batch
+from loader.isolate import _find_copy_line_counting, find_copy_line, split_records
+from loader.options import CsvDialect
+
+plain = st.sampled_from([b"1,a", b"22,bb", b"3,", b'4,"x,y"', b'5,"say ""hi"""'])
+with_newlines = st.sampled_from([b'6,"two\nlines"', b'7,"three\n\nlines"', b'8,"\n"'])
+records = st.lists(st.one_of(plain, plain, plain, with_newlines), min_size=1, max_size=40)
+
+
+def batch_of(body: bytes) -> Batch:
+    return Batch(1, body, 2, body.count(b"\n"), 0, 0, "")
+
+
+@given(records=records, last_ended=st.booleans(), data=st.data())
+def test_the_record_found_for_a_reported_line_is_the_one_postgresql_counts_to(
+    records: list[bytes], last_ended: bool, data: st.DataObject
+) -> None:
+    body = b"\n".join(records) + (b"\n" if last_ended else b"")
+    split = split_records(batch_of(body), CsvDialect())
+    assert len(split) == len(records)
+    lo = data.draw(st.integers(0, len(records) - 1))
+    hi = data.draw(st.integers(lo + 1, len(records)))
+    reported = data.draw(st.integers(1, body.count(b"\n") + 2))
+    expected = _find_copy_line_counting(split, lo, min(hi, lo + reported), reported)
+    assert find_copy_line(split, lo, hi, reported) == expected
+
+
+def test_in_a_file_without_quoted_newlines_the_reported_line_is_the_record() -> None:
+    split = split_records(batch_of(b"".join(b"%d,x\n" % i for i in range(100))), CsvDialect())
+    assert find_copy_line(split, 10, 60, 7) == 16
+    assert find_copy_line(split, 10, 60, 51) is None  # past the piece
