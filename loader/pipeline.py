@@ -95,6 +95,31 @@ def _mtime(source: Source) -> float | None:
     return None if source.is_stdin else os.stat(source.name).st_mtime
 
 
+class _ReadAhead:
+    """The batcher's batches, read in a thread one ahead of the one asked for. Created before
+    the load is planned, so the first batch is ready when the pool's connections are."""
+
+    def __init__(self, batcher: Batcher) -> None:
+        self.batcher = batcher
+        self._batches = iter(batcher)
+        self._next: asyncio.Future[Batch | None] | None = self._read()
+
+    def _read(self) -> asyncio.Future[Batch | None]:
+        return asyncio.ensure_future(asyncio.to_thread(next, self._batches, None))
+
+    async def get(self) -> Batch | None:
+        if self._next is None:
+            return None
+        batch = await self._next
+        self._next = self._read() if batch is not None else None
+        return batch
+
+    def cancel(self) -> None:
+        if self._next is not None:
+            self._next.cancel()
+            self._next = None
+
+
 @dataclass
 class _Plan:
     load_id: str
@@ -220,7 +245,7 @@ class _Load:
             return budget.allowed
         return wanted
 
-    async def run(self, batcher: Batcher, header_fields: list[str] | None, interrupt: asyncio.Event | None) -> None:
+    async def run(self, batches: _ReadAhead, header_fields: list[str] | None, interrupt: asyncio.Event | None) -> None:
         options, report, conn = self.options, self.report, self.session.conn
         target = await resolve_target(conn, options.table)
         report.table = target.display
@@ -253,7 +278,7 @@ class _Load:
             sink = Sink(pool, target, columns, options.dialect, self.ledger, plan.load_id, options.retry, self._on_batch_retry, pace)
             self.streaming = True
             try:
-                await self._stream(batcher, sink, plan, interrupt, workers)
+                await self._stream(batches, sink, plan, interrupt, workers)
             except LoaderError as exc:
                 error = exc
             report.copies = sink.copies
@@ -330,7 +355,7 @@ class _Load:
         return SourceChanged(f"{self.options.source} changed since load {plan.load_id} read it: {where} {what}; {advice}")
 
     async def _stream(
-        self, batcher: Batcher, sink: Sink, plan: _Plan, interrupt: asyncio.Event | None, workers: int
+        self, batches: _ReadAhead, sink: Sink, plan: _Plan, interrupt: asyncio.Event | None, workers: int
     ) -> None:
         options, report = self.options, self.report
         queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=workers)
@@ -349,11 +374,10 @@ class _Load:
         cancelled: list[bool] = []
 
         async def read() -> None:
-            batches = iter(batcher)
             last = 0
             try:
                 while not stop.is_set():
-                    batch = await asyncio.to_thread(next, batches, None)
+                    batch = await batches.get()
                     report.bytes_read = _position(self.source)
                     if batch is None:
                         break
@@ -364,7 +388,7 @@ class _Load:
                             halt(self._changed(plan, batch, "differ from what was loaded"))
                             return
                         report.add_skipped(done["rows_loaded"], done["rows_rejected"])
-                        batcher.done(batch)
+                        batches.batcher.done(batch)
                         continue
                     if plan.verify_only:
                         halt(self._changed(plan, batch, "were not in it when it was loaded"))
@@ -394,7 +418,7 @@ class _Load:
             finally:
                 report.in_flight -= 1
                 await gate.release()
-            batcher.done(batch)
+            batches.batcher.done(batch)
             if self.controller is not None:
                 for _ in range(outcome.retries):
                     self.controller.record(time.monotonic() - started, 0, ok=False)
@@ -566,16 +590,22 @@ async def load(
 
         if on_start is not None:
             on_start(report)
-        session = _Session(options, await _unless_interrupted(connect(options, on_retry=on_retry), interrupt), on_retry)
+        batches = _ReadAhead(batcher)  # reads while the load connects and plans
+        try:
+            session = _Session(options, await _unless_interrupted(connect(options, on_retry=on_retry), interrupt), on_retry)
+        except BaseException:
+            batches.cancel()
+            raise
         try:
             run = _Load(options, source, session, report, on_retry)
             run.header = batcher.header
-            await _unless_interrupted(run.run(batcher, header_fields, interrupt), interrupt, until=lambda: run.streaming)
+            await _unless_interrupted(run.run(batches, header_fields, interrupt), interrupt, until=lambda: run.streaming)
         except LoaderError as exc:
             report.elapsed_s = time.monotonic() - started
             exc.report = report if report.load_id and not isinstance(exc, UsageError) else None
             raise
         finally:
+            batches.cancel()
             await session.close()
     finally:
         source.close()
