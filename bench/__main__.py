@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import compileall
 import json
 import os
 import platform
@@ -26,6 +27,7 @@ from typing import Any
 
 import asyncpg
 
+import loader
 from bench.generate import TABLE_DDL, write
 from loader.devserver import pg_binary, start_server
 
@@ -188,15 +190,17 @@ class Bench:
                 r.ratio_to_psql_copy = round(r.rows_per_s / psql.rows_per_s, 2)
         return results
 
-    def measure_bad_rows(self, good: Path, bad: Path, rows: int, bad_rows: int, runs: int) -> dict[str, Any]:
-        """The same file with 0.1% bad rows against the clean one, at the defaults."""
-        out: dict[str, Any] = {}
+    def measure_bad_rows(self, good: Path, bad: Path, rows: int, bad_rows: int, runs: int, workers: int | None = None) -> dict[str, Any]:
+        """The same file with 0.1% bad rows against the clean one, at the defaults (or `workers`)."""
+        out: dict[str, Any] = {"workers": workers or "default"}
+        extra = ["--workers", str(workers)] if workers else []
         for label, path, expected in (("clean", good, rows), ("0.1% bad rows", bad, rows - bad_rows)):
             seconds = []
             for _ in range(runs):
                 self.fresh("bench")
                 rejects = Path(tempfile.mkdtemp()) / "rejects.csv"
-                run, code, err = timed([sys.executable, "-m", "loader", "import", str(path), "-t", "bench", "--dsn", self.dsn, "--force", "--rejects", str(rejects)])
+                cmd = [sys.executable, "-m", "loader", "import", str(path), "-t", "bench", "--dsn", self.dsn, "--force", "--rejects", str(rejects), *extra]
+                run, code, err = timed(cmd)
                 loaded = self.sql("SELECT count(*) FROM bench")[0][0]
                 if code not in (0, 3) or loaded != expected:
                     return {"note": f"{label}: wrong load (exit {code}, {loaded} rows): {err.strip()[-300:]}"}
@@ -234,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-bad-rows", action="store_true", help="skip the 0.1%%-bad-rows comparison")
     args = parser.parse_args(argv)
 
+    # An installed package runs from bytecode pip compiled; a checkout run with
+    # PYTHONDONTWRITEBYTECODE set would compile the loader's modules on every run instead.
+    compileall.compile_dir(Path(loader.__file__).parent, quiet=1)
     server = None
     dsn = args.dsn
     if dsn is None:
@@ -264,12 +271,17 @@ def main(argv: list[str] | None = None) -> int:
                 write(bad_path, args.rows, bad_every=bad_every)
             report["bad_rows"] = bench.measure_bad_rows(path, bad_path, args.rows, args.rows // bad_every, args.runs)
             print(f"0.1% bad rows: {report['bad_rows']}")
+            report["bad_rows_4_workers"] = bench.measure_bad_rows(path, bad_path, args.rows, args.rows // bad_every, args.runs, workers=4)
+            print(f"0.1% bad rows, --workers 4: {report['bad_rows_4_workers']}")
         if args.large:
             large = data / f"bench-{args.large}.csv"
             if not large.exists():
                 print(f"bench: generating {large} ({args.large:,} rows)", file=sys.stderr)
                 write(large, args.large)
-            big = bench.measure(large, args.large, args.runs, [None], args.batch_size, only={"psql \\copy", "loader (defaults)"})
+            big = bench.measure(
+                large, args.large, args.runs, [1, None], args.batch_size,
+                only={"psql \\copy", "loader --workers 1", "loader (defaults)"},
+            )
             report["large"] = {"rows": args.large, "results": [asdict(r) for r in big]}
             print(table(big))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
