@@ -12,7 +12,6 @@ close to the bad ones. Where the server names no line, the piece is bisected.
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import math
 import operator
@@ -76,14 +75,14 @@ def find_copy_line(records: Records, lo: int, hi: int, reported: int) -> int | N
         return lo
     if data.find(b"\r", offsets[lo], offsets[stop]) < 0 and data.endswith(b"\n", 0, offsets[stop]):
         # LF endings only: the first record counts one line, each later one its LFs, so record
-        # j's line is 1 + the LFs from record lo + 1 to j's end; bisect on that, in C.
-        base = offsets[lo + 1]
-
-        def line_of(j: int) -> int:
-            return 1 + data.count(b"\n", base, offsets[j + 1])
-
-        j = bisect.bisect_left(range(lo + 1, stop), reported, key=line_of)
-        return lo + 1 + j if j < stop - lo - 1 and line_of(lo + 1 + j) == reported else None
+        # j's line is 1 + the LFs from record lo + 1 to j's end. Start from the last record
+        # that can hold the line and step back over the quoted line breaks (usually none).
+        j = stop - 1
+        line = 1 + data.count(b"\n", offsets[lo + 1], offsets[j + 1]) if j > lo else 1
+        while line > reported and j > lo:
+            line -= data.count(b"\n", offsets[j], offsets[j + 1])
+            j -= 1
+        return j if line == reported else None
     return _find_copy_line_counting(records, lo, stop, reported)
 
 

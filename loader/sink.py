@@ -248,9 +248,10 @@ async def copy_rows(
     pace: tuple[TokenBucket, str] | None = None,
 ) -> int:
     """One COPY of raw CSV bytes; the number of rows the server took."""
-    status = await conn.copy_to_table(
-        target.name, schema_name=target.schema, columns=list(columns), source=_chunks(data, pace), **options
-    )
+    # A small piece (isolating bad rows) goes as one message, without an async generator.
+    small = pace is None and len(data) <= SEND_CHUNK
+    source = memoryview(data) if small else _chunks(data, pace)  # not bytes: asyncpg takes bytes for a path
+    status = await conn.copy_to_table(target.name, schema_name=target.schema, columns=list(columns), source=source, **options)
     return int(status.rsplit(" ", 1)[1])
 
 
