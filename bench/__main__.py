@@ -155,24 +155,25 @@ class Bench:
         self.fresh("bench_twin")
         subprocess.run([self.psql(), "-X", "-q", "-d", self.dsn, "-c", f"\\copy bench_twin FROM '{path}' WITH (FORMAT csv, HEADER true)"], check=True)
         size_mb = path.stat().st_size / 1e6
-        results = []
-        for name, cmd in self.commands(path, workers, batch_size).items():
-            if only is not None and name not in only:
-                continue
-            result = Result(name, rows)
-            if cmd is None:
-                result.note = "not installed: skipped"
-                results.append(result)
-                continue
-            for _ in range(runs):
+        commands = {name: cmd for name, cmd in self.commands(path, workers, batch_size).items() if only is None or name in only}
+        results = {name: Result(name, rows, note=None if cmd else "not installed: skipped") for name, cmd in commands.items()}
+        # Round robin, not method after method: a slow spell on a shared machine then falls on
+        # every method alike instead of on one, and the ratios stay honest.
+        for round_ in range(runs):
+            for name, cmd in commands.items():
+                result = results[name]
+                if cmd is None or result.note:
+                    continue
                 self.fresh("bench")
                 run, code, err = timed(cmd)
                 if code != 0:
                     result.note = f"exit {code}: {err.strip()[-300:]}"
-                    break
+                    continue
                 result.runs.append(run)
-            if result.runs:
-                result.verified = self.same_as_twin("bench", "bench_twin", rows)
+                if round_ == runs - 1:
+                    result.verified = self.same_as_twin("bench", "bench_twin", rows)
+                print(f"bench: round {round_ + 1}: {name}: {run.seconds} s", file=sys.stderr, flush=True)
+        for result in results.values():
             if result.verified:
                 result.seconds = statistics.median(r.seconds for r in result.runs)
                 result.rows_per_s = round(rows / result.seconds)
@@ -180,33 +181,32 @@ class Bench:
                 result.peak_rss_mb = max(r.peak_rss_mb for r in result.runs)
                 result.cpu_s = statistics.median(r.cpu_s for r in result.runs)
                 result.cpu_s_per_million_rows = round(result.cpu_s / rows * 1e6, 3)
-            elif result.runs:
+            elif result.runs and not result.note:
                 result.note = "WRONG LOAD: the table differs from the \\copy twin; no figure reported"
-            results.append(result)
-            print(f"bench: {name}: {result.seconds or result.note}", file=sys.stderr, flush=True)
-        psql = next(r for r in results if r.method == "psql \\copy")
-        for r in results:
+        psql = results["psql \\copy"]
+        for r in results.values():
             if r.rows_per_s and psql.rows_per_s:
                 r.ratio_to_psql_copy = round(r.rows_per_s / psql.rows_per_s, 2)
-        return results
+        return list(results.values())
 
     def measure_bad_rows(self, good: Path, bad: Path, rows: int, bad_rows: int, runs: int, workers: int | None = None) -> dict[str, Any]:
         """The same file with 0.1% bad rows against the clean one, at the defaults (or `workers`)."""
         out: dict[str, Any] = {"workers": workers or "default"}
         extra = ["--workers", str(workers)] if workers else []
-        for label, path, expected in (("clean", good, rows), ("0.1% bad rows", bad, rows - bad_rows)):
-            seconds = []
-            for _ in range(runs):
+        seconds: dict[str, list[float]] = {"clean": [], "0.1% bad rows": []}
+        for _ in range(runs):  # alternating, so that a slow spell falls on both
+            for label, path, expected in (("clean", good, rows), ("0.1% bad rows", bad, rows - bad_rows)):
                 self.fresh("bench")
                 rejects = Path(tempfile.mkdtemp()) / "rejects.csv"
                 cmd = [sys.executable, "-m", "loader", "import", str(path), "-t", "bench", "--dsn", self.dsn, "--force", "--rejects", str(rejects), *extra]
                 run, code, err = timed(cmd)
                 loaded = self.sql("SELECT count(*) FROM bench")[0][0]
+                shutil.rmtree(rejects.parent, ignore_errors=True)
                 if code not in (0, 3) or loaded != expected:
                     return {"note": f"{label}: wrong load (exit {code}, {loaded} rows): {err.strip()[-300:]}"}
-                seconds.append(run.seconds)
-                shutil.rmtree(rejects.parent, ignore_errors=True)
-            out[label] = {"seconds": statistics.median(seconds), "rows_per_s": round(rows / statistics.median(seconds))}
+                seconds[label].append(run.seconds)
+        for label, times in seconds.items():
+            out[label] = {"seconds": statistics.median(times), "rows_per_s": round(rows / statistics.median(times))}
         out["ratio"] = round(out["0.1% bad rows"]["rows_per_s"] / out["clean"]["rows_per_s"], 2)
         return out
 

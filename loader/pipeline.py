@@ -1,9 +1,9 @@
 """One load, wired: source → batches → bounded queue → N workers → sink, counted in a report.
 
-The reader runs in a thread (file reads and decompression release the GIL) and hands
-batches to a queue of `workers` places, so at most 2 × workers batches are in memory
-and the reader waits whenever the workers are busy: memory stays flat whatever the
-file's size. Each worker owns one pooled connection at a time, so the server sees at most
+The reader runs in a thread (file reads and decompression release the GIL), one batch
+ahead, and hands batches to a queue of `workers` places, so at most 2 × workers + 2
+batches are in memory and the reader waits whenever the workers are busy: memory stays
+flat whatever the file's size. Each worker owns one pooled connection at a time, so the server sees at most
 `workers` loading connections, plus the load's own session that holds the table's lock.
 """
 
