@@ -593,20 +593,18 @@ async def load(
         batches = _ReadAhead(batcher)  # reads while the load connects and plans
         try:
             session = _Session(options, await _unless_interrupted(connect(options, on_retry=on_retry), interrupt), on_retry)
-        except BaseException:
-            batches.cancel()
-            raise
-        try:
-            run = _Load(options, source, session, report, on_retry)
-            run.header = batcher.header
-            await _unless_interrupted(run.run(batches, header_fields, interrupt), interrupt, until=lambda: run.streaming)
-        except LoaderError as exc:
-            report.elapsed_s = time.monotonic() - started
-            exc.report = report if report.load_id and not isinstance(exc, UsageError) else None
-            raise
+            try:
+                run = _Load(options, source, session, report, on_retry)
+                run.header = batcher.header
+                await _unless_interrupted(run.run(batches, header_fields, interrupt), interrupt, until=lambda: run.streaming)
+            except LoaderError as exc:
+                report.elapsed_s = time.monotonic() - started
+                exc.report = report if report.load_id and not isinstance(exc, UsageError) else None
+                raise
+            finally:
+                await session.close()
         finally:
             batches.cancel()
-            await session.close()
     finally:
         source.close()
     report.elapsed_s = time.monotonic() - started
