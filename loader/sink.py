@@ -239,19 +239,18 @@ async def _chunks(data: bytes | bytearray, pace: tuple[TokenBucket, str] | None)
         yield chunk
 
 
-async def copy_rows(
-    conn: asyncpg.Connection,
-    target: Target,
-    columns: Sequence[str],
-    options: dict[str, str],
-    data: bytes | bytearray,
-    pace: tuple[TokenBucket, str] | None = None,
-) -> int:
-    """One COPY of raw CSV bytes; the number of rows the server took."""
+async def copy_rows(conn: asyncpg.Connection, statement: str, data: bytes | bytearray, pace: tuple[TokenBucket, str] | None = None) -> int:
+    """Run `statement`, a simple query ending in COPY ... FROM STDIN, with raw CSV bytes; the
+    number of rows the server took.
+
+    asyncpg's public copy_to_table writes the COPY statement itself; its `_copy_in` (stable
+    since asyncpg 0.10) takes ours, so statements can ride in the same message before the
+    COPY (a savepoint's move while isolating bad rows: one round trip less per piece). Like
+    copy_to_table, it sends the data without waiting for the server's CopyInResponse."""
     # A small piece (isolating bad rows) goes as one message, without an async generator.
     small = pace is None and len(data) <= SEND_CHUNK
     source = memoryview(data) if small else _chunks(data, pace)  # not bytes: asyncpg takes bytes for a path
-    status = await conn.copy_to_table(target.name, schema_name=target.schema, columns=list(columns), source=source, **options)
+    status = await conn._copy_in(statement, source, None)
     return int(status.rsplit(" ", 1)[1])
 
 
@@ -260,7 +259,7 @@ async def check_copy(conn: asyncpg.Connection, target: Target, columns: Sequence
     privileges are all checked before the first batch, so mistakes exit 2 at once."""
     try:
         async with conn.transaction():
-            await copy_rows(conn, target, columns, copy_options(dialect), b"")
+            await copy_rows(conn, sql.copy_from_stdin(target.schema, target.name, columns, copy_options(dialect)), b"")
             raise _Rollback
     except _Rollback:
         pass
@@ -294,13 +293,13 @@ class Sink:
         self._retry = retry
         self._on_retry = on_retry
         self._pace = pace
-        self._copy_options = copy_options(dialect)
+        self._copy_statement = sql.copy_from_stdin(target.schema, target.name, columns, copy_options(dialect))
         self.copies = 0  # COPY statements sent, for the report and the fast-path test
         self._error_rate = ErrorRate()  # bad rows among those isolated so far: sizes the pieces
 
-    async def _copy(self, conn: asyncpg.Connection, data: bytes) -> int:
+    async def _copy(self, conn: asyncpg.Connection, data: bytes | bytearray, before: str = "") -> int:
         self.copies += 1
-        return await copy_rows(conn, self.target, self.columns, self._copy_options, data, self._pace)
+        return await copy_rows(conn, before + self._copy_statement, data, self._pace)
 
     async def load(self, batch: Batch) -> Outcome:
         """Load one batch, retrying transient failures; rows the server refuses become rejects.
@@ -380,18 +379,22 @@ class Sink:
                     return done
 
                 await conn.execute(sql.PIECE_SAVEPOINT)
+                before = ""  # the savepoint's move after the last piece, sent with the next one
 
                 async def copy_in_savepoint(data: bytes) -> int:
+                    nonlocal before
                     try:
-                        rows = await self._copy(conn, data)
+                        rows = await self._copy(conn, data, before)
                     except Exception as exc:
                         if is_data_error(exc):  # isolate goes on after it: undo just this piece
-                            await conn.execute(sql.PIECE_UNDO)
+                            before = sql.PIECE_UNDO + "; "
                         raise
-                    await conn.execute(sql.PIECE_KEEP)
+                    before = sql.PIECE_KEEP + "; "
                     return rows
 
                 loaded, rejects = await isolate(records, copy_in_savepoint, copy_line, refusal, self._error_rate)
+                if before.startswith(sql.PIECE_UNDO):  # the last piece failed: out of the aborted state
+                    await conn.execute(sql.PIECE_UNDO)
                 await self._ledger.record_rejects(conn, self._load_id, batch.number, loaded, rejects)
                 return Outcome(loaded, len(rejects), rejects)
 

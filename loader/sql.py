@@ -1,8 +1,10 @@
 """The one home of SQL text. Identifiers reach SQL only through `quote_ident`; values
-only as bind parameters ($1, $2, ...)."""
+only as bind parameters ($1, $2, ...), except COPY's options, which PostgreSQL takes
+only as literals: they go through `quote_literal`."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
 
@@ -15,6 +17,13 @@ def quote_ident(name: str) -> str:
     if "\x00" in name:
         raise ValueError("an identifier cannot contain a NUL character")
     return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(value: str) -> str:
+    """Quote one string constant (standard_conforming_strings, on since PostgreSQL 9.1)."""
+    if "\x00" in value:
+        raise ValueError("a string constant cannot contain a NUL character")
+    return "'" + value.replace("'", "''") + "'"
 
 
 def qualified(schema: str, name: str) -> str:
@@ -165,8 +174,20 @@ SELECT pg_current_wal_lsn() AS current,
 SET_APPLICATION_NAME = "SELECT set_config('application_name', $1, false)"
 
 
+# --- COPY ----------------------------------------------------------------------------------
+
+
+def copy_from_stdin(schema: str, table: str, columns: Sequence[str], options: Mapping[str, str]) -> str:
+    """COPY schema.table (columns) FROM STDIN (OPTION 'value', ...)."""
+    listed = f" ({', '.join(map(quote_ident, columns))})" if columns else ""
+    settings = ", ".join(f"{name.upper()} {quote_literal(value)}" for name, value in options.items())
+    return f"COPY {qualified(schema, table)}{listed} FROM STDIN ({settings})"
+
+
 # --- isolating bad rows: each piece of a refused batch in a savepoint, moved on after it ---
+# The moves go in the same message as the next piece's COPY (statements run in order, and
+# an error skips the rest of the message): one round trip per piece.
 
 PIECE_SAVEPOINT = "SAVEPOINT loader_piece"
 PIECE_UNDO = "ROLLBACK TO SAVEPOINT loader_piece"  # the savepoint stays, ready for the next piece
-PIECE_KEEP = "RELEASE SAVEPOINT loader_piece; SAVEPOINT loader_piece"  # one round trip
+PIECE_KEEP = "RELEASE SAVEPOINT loader_piece; SAVEPOINT loader_piece"
