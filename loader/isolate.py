@@ -125,6 +125,11 @@ class ErrorRate:
     bad: int = 0
     rows: int = 0
 
+    def doomed(self, rows: int) -> bool:
+        """Whether a COPY of `rows` rows would almost surely be refused: three bad rows expected
+        (a batch is then clean about one time in twenty)."""
+        return self.bad * rows >= 3 * self.rows > 0
+
     def piece(self) -> int:
         density = max(1, self.bad) / max(1, self.rows)
         return max(MIN_PIECE, int(PIECE_FACTOR / math.sqrt(density)))

@@ -312,14 +312,17 @@ class Sink:
 
         The fast path is one COPY of the batch's bytes. Only when the server refuses the data
         does the batch go, in a new transaction, through `isolate`, which loads the good rows
-        and returns the bad ones, recorded in the ledger in that same transaction.
+        and returns the bad ones, recorded in the ledger in that same transaction. Once the
+        load's bad rows are so dense that a batch would almost surely be refused, batches go
+        to `isolate` at once: the refused COPY would cost the whole batch's transfer, and the
+        server's work up to the first bad row, for nothing.
         """
         refusal: BaseException | None = None
         try:
             async for attempt in retrying(self._retry, self._on_retry):
                 with attempt:
                     retries = attempt.retry_state.attempt_number - 1
-                    if refusal is None:
+                    if refusal is None and not self._error_rate.doomed(batch.rows):
                         try:
                             return dataclasses.replace(await self._load_fast(batch), retries=retries)
                         except Exception as exc:
@@ -370,7 +373,7 @@ class Sink:
                     )
                 return Outcome(rows, 0, [])
 
-    async def _load_isolating(self, batch: Batch, refusal: BaseException) -> Outcome:
+    async def _load_isolating(self, batch: Batch, refusal: BaseException | None) -> Outcome:
         records = split_records(batch, self._dialect)
         async with self._pool.acquire() as conn:
             async with conn.transaction():

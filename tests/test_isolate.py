@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from loader.batching import Batch
-from loader.isolate import _find_copy_line_counting, find_copy_line, split_records
+from loader.isolate import ErrorRate, _find_copy_line_counting, find_copy_line, split_records
 from loader.options import CsvDialect
 
 plain = st.sampled_from([b"1,a", b"22,bb", b"3,", b'4,"x,y"', b'5,"say ""hi"""'])
@@ -37,3 +37,12 @@ def test_in_a_file_without_quoted_newlines_the_reported_line_is_the_record() -> 
     split = split_records(batch_of(b"".join(b"%d,x\n" % i for i in range(100))), CsvDialect())
     assert find_copy_line(split, 10, 60, 7) == 16
     assert find_copy_line(split, 10, 60, 51) is None  # past the piece
+
+
+def test_a_batch_is_sent_whole_until_bad_rows_are_dense_enough_to_doom_it() -> None:
+    rate = ErrorRate()
+    assert not rate.doomed(10_000)  # nothing seen yet: try the fast path
+    rate.bad, rate.rows = 1, 10_000
+    assert not rate.doomed(10_000)  # one bad row per batch expected: usually worth a try
+    rate.bad, rate.rows = 3, 1_000
+    assert rate.doomed(1_000) and not rate.doomed(100)
