@@ -1,13 +1,13 @@
 """The slow path: finding exactly the bad rows of a batch the server refused, loading the rest.
 
 Only a refused batch comes here, so per-row Python work is fine. The server names the
-line it choked on; every row before it was fine, so that prefix is re-sent once in one
-COPY, the bad row is rejected, and the rest of the batch goes on in pieces sized from the
-error density seen so far: a piece that fails has parsed about half of itself in vain, and
-every piece costs a COPY, so the size that spends least is about sqrt(2 c / (r d)) rows for
-a density d, a COPY's fixed cost c and a row's parse cost r (see PIECE_FACTOR).
-A batch with k bad rows costs about k + 1 extra COPYs, and the rows parsed in vain stay
-close to the bad ones. Where the server names no line, the piece is bisected.
+line it choked on; every row before it was fine, so that prefix goes again with the next
+piece, the bad row is rejected, and the rest of the batch goes on in pieces sized from
+the error density seen so far: a piece that fails has parsed about half of itself in vain,
+and every piece costs a COPY, so the size that spends least is about sqrt(2 c / (r d))
+rows for a density d, a COPY's fixed cost c and a row's parse cost r (see PIECE_FACTOR).
+Each bad row costs one refused COPY, and the rows parsed in vain stay close to the bad
+ones. Where the server names no line, the pieces are bisected.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import math
 import operator
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from .batching import Batch, record_end_finder
@@ -28,6 +28,9 @@ MIN_PIECE = 16
 # PostgreSQL 15 on 2 cores): one bad row in a thousand gives pieces of about 430 rows.
 PIECE_FACTOR = 13.5
 COPY_FORMAT_ERROR = "22P04"  # bad_copy_file_format: field count, line endings, open quotes
+
+
+Run = tuple[int, int]  # records lo:hi
 
 
 class Records:
@@ -46,6 +49,25 @@ class Records:
 
     def record(self, i: int) -> bytes:
         return self.span(i, i + 1)
+
+    def join(self, runs: Sequence[Run]) -> bytes:
+        """The bytes of the records of `runs`, in order: what one COPY of them sends."""
+        if len(runs) == 1:
+            return self.span(*runs[0])
+        return b"".join(itertools.starmap(self.span, runs))
+
+    def view(self, runs: Sequence[Run]) -> Records:
+        """The records of `runs` as one Records, numbered from 0 as one COPY of them counts."""
+        if list(runs) == [(0, len(self))]:
+            return self
+        offsets: list[int] = []
+        base = 0
+        for lo, hi in runs:
+            offsets.extend(map((base - self.offsets[lo]).__add__, self.offsets[lo:hi]))
+            base += self.offsets[hi] - self.offsets[lo]
+        offsets.append(base)
+        lines = list(itertools.chain.from_iterable(self.lines[lo:hi] for lo, hi in runs))
+        return Records(self.join(runs), offsets, lines)
 
 
 def split_records(batch: Batch, dialect: CsvDialect) -> Records:
@@ -146,58 +168,77 @@ async def isolate(
 
     `first_error` is the error of the COPY of all `records` that sent us here, so the first
     bad row is known without sending the batch again; `rate` carries the density of bad rows
-    from batch to batch. Returns (rows loaded, rejects)."""
+    from batch to batch. Returns (rows loaded, rejects).
+
+    Every COPY sends the first records still pending: those known good (they went through
+    in a COPY that failed after them) and the next piece. When it fails on a named record,
+    the records before it are known good, and the record is rejected; the records after it
+    stay pending. A failure that names no record (a foreign key checked at the end of the
+    COPY) is bisected: pieces of half the size until one record alone fails."""
     rate = rate if rate is not None else ErrorRate()
     loaded = 0
     rejects: list[Reject] = []
-    piece = rate.piece() if rate.rows else len(records)
-    # Ranges still to load, leftmost on top: (lo, hi, the error a COPY of exactly lo:hi
-    # gave, whether lo:hi is known good and goes as one COPY).
-    stack: list[tuple[int, int, BaseException | None, bool]] = [(0, len(records), first_error, False)]
-    while stack:
-        lo, hi, error, known_good = stack.pop()
+    pending: list[Run] = [(0, len(records))]  # neither loaded nor rejected yet, in order
+    known = 0  # how many of the first pending records are known good
+    bisecting: tuple[int, int] | None = None  # (piece size, records left where a bad one hides)
+    sent, error = pending, first_error
+    while pending:
         if error is None:
-            if not known_good and hi - lo > piece:
-                stack.append((lo + piece, hi, None, False))
-                hi = lo + piece
+            if bisecting is not None:
+                unknown = min(bisecting)
+            else:
+                unknown = rate.piece() if rate.rows else len(records)
+            sent, rest = _cut(pending, known + unknown)
             try:
-                loaded += await copy(records.span(lo, hi))
-                if not known_good:  # a known-good range was counted with the bad row after it
-                    rate.rows += hi - lo
-                continue
+                loaded += await copy(records.join(sent))
             except Exception as exc:
                 if not is_data_error(exc):
                     raise
                 error = exc
-        reported = copy_line(error)
-        bad = find_copy_line(records, lo, hi, reported) if reported is not None else None
-        if bad is None:  # the server did not say which row: bisect
-            if hi - lo == 1:
-                rejects.append(_reject(records, lo, error))
-                rate.bad += 1
-                rate.rows += 1
             else:
-                mid = (lo + hi) // 2
-                stack.append((mid, hi, None, False))
-                stack.append((lo, mid, None, False))
+                rate.rows += _size(sent) - known
+                if bisecting is not None:
+                    size, left = bisecting
+                    bisecting = (size, left - _size(sent)) if left > _size(sent) else None
+                pending, known = rest, 0
+                continue
+        # `sent`, the first records pending, failed with `error`.
+        view = records.view(sent)
+        reported = copy_line(error)
+        bad = find_copy_line(view, 0, len(view), reported) if reported is not None else None
+        if bad is None and len(view) > 1:  # the server did not say which record: bisect
+            bisecting, known, error = (max(1, len(view) // 2), len(view)), 0, None
             continue
-        if hi - lo > 1 and sqlstate(error) == COPY_FORMAT_ERROR:
+        bad = bad or 0
+        if len(view) > 1 and sqlstate(error) == COPY_FORMAT_ERROR:
             # COPY takes the line-ending style from a piece's first record, so a record that ends
             # differently is refused among others but may load alone: try it alone before rejecting.
             try:
-                loaded += await copy(records.record(bad))
+                loaded += await copy(view.record(bad))
                 error = None
             except Exception as exc:
                 if not is_data_error(exc):
                     raise
                 error = exc
         if error is not None:
-            rejects.append(_reject(records, bad, error))
+            rejects.append(_reject(view, bad, error))
             rate.bad += 1
-        rate.rows += bad - lo + 1
-        piece = rate.piece()
-        if bad + 1 < hi:
-            stack.append((bad + 1, hi, None, False))
-        if bad > lo:
-            stack.append((lo, bad, None, True))
+            bisecting = None
+        rate.rows += max(0, bad + 1 - known)
+        head, rest = _cut(pending, bad)
+        pending, known, error = head + _cut(rest, 1)[1], bad, None
     return loaded, rejects
+
+
+def _size(runs: list[Run]) -> int:
+    return sum(hi - lo for lo, hi in runs)
+
+
+def _cut(runs: list[Run], n: int) -> tuple[list[Run], list[Run]]:
+    """The first n records of `runs`, and the rest."""
+    for i, (lo, hi) in enumerate(runs):
+        if n < hi - lo:
+            head = [*runs[:i], (lo, lo + n)] if n else runs[:i]
+            return head, [(lo + n, hi), *runs[i + 1 :]]
+        n -= hi - lo
+    return runs, []

@@ -123,6 +123,24 @@ def test_many_scattered_bad_rows_in_a_large_file(db: Db, tmp_path: Path) -> None
     assert db.value("SELECT count(*) FROM big WHERE id = ANY($1::int[])", list(bad_ids)) == 0
 
 
+def test_rows_whose_foreign_key_has_no_parent_are_rejected(db: Db, tmp_path: Path) -> None:
+    """Foreign keys are checked when the COPY ends, so the server names no line: the loader
+    bisects to find the rows, and rejects exactly them."""
+    db.sql("CREATE TABLE parents (id int PRIMARY KEY)")
+    db.sql("INSERT INTO parents SELECT generate_series(1, 100)")
+    db.sql("CREATE TABLE children (id int, parent int REFERENCES parents)")
+    orphans = {7: 500, 93: 501, 94: 502, 250: 503}  # row -> a parent that does not exist
+    path = tmp_path / "children.csv"
+    path.write_text("id,parent\n" + "".join(f"{i},{orphans.get(i, 1 + i % 100)}\n" for i in range(1, 301)))
+    run = db.loader("import", str(path), "-t", "children", "--batch-size", "100", "--json")
+    assert run.code == 3, run.stderr
+    assert (run.json()["rows_loaded"], run.json()["rows_rejected"]) == (296, 4)
+    assert rejects_of(tmp_path / "children.csv.rejects.csv") == [
+        (i + 1, "23503", f"{i},{parent}".encode()) for i, parent in orphans.items()
+    ]
+    assert db.value("SELECT count(*) FROM children WHERE parent > 100") == 0
+
+
 def test_a_clean_file_loads_with_one_copy_per_batch(db: Db, tmp_path: Path) -> None:
     db.sql("CREATE TABLE clean (id int, v text)")
     path = tmp_path / "clean.csv"
