@@ -188,6 +188,8 @@ async def isolate(
                 unknown = min(bisecting)
             else:
                 unknown = rate.piece() if rate.rows else len(records)
+                if known >= unknown:  # as many as a piece: they go alone, lest failures pile them up
+                    unknown = 0
             sent, rest = _cut(pending, known + unknown)
             try:
                 loaded += await copy(records.join(sent))
