@@ -1,13 +1,17 @@
 """The slow path: finding exactly the bad rows of a batch the server refused, loading the rest.
 
-Only a refused batch comes here, so per-row Python work is fine. The server names the
-line it choked on; every row before it was fine, so that prefix goes again with the next
-piece, the bad row is rejected, and the rest of the batch goes on in pieces sized from
-the error density seen so far: a piece that fails has parsed about half of itself in vain,
-and every piece costs a COPY, so the size that spends least is about sqrt(2 c / (r d))
-rows for a density d, a COPY's fixed cost c and a row's parse cost r (see PIECE_FACTOR).
-Each bad row costs one refused COPY, and the rows parsed in vain stay close to the bad
-ones. Where the server names no line, the pieces are bisected.
+The server names the line it choked on; every row before it was fine, so that prefix goes
+again with the next piece, the bad row is rejected, and the rest of the batch goes on in
+pieces sized from the error density seen so far: a piece that fails has parsed about half
+of itself in vain, and every piece costs a COPY, so the size that spends least is about
+sqrt(2 c / (r d)) rows for a density d, a COPY's fixed cost c and a row's parse cost r
+(see PIECE_FACTOR). Each bad row costs one refused COPY, and the rows parsed in vain stay
+close to the bad ones.
+
+Pieces are cut at record ends by bytes (counting quotes, in C), so the pieces that load
+cost no Python work per row; only a refused piece is split into records, up to the one the
+server named. Where the server names no line, or a custom --escape keeps records from being
+cut by counting quotes, the records are split and the pieces bisected.
 """
 
 from __future__ import annotations
@@ -51,6 +55,18 @@ class Records:
     def record(self, i: int) -> bytes:
         return self.span(i, i + 1)
 
+    def slice(self, lo: int, hi: int) -> Records:
+        """Records lo:hi, with their own bytes."""
+        return Records(self.span(lo, hi), list(map((-self.offsets[lo]).__add__, self.offsets[lo : hi + 1])), self.lines[lo:hi])
+
+    def __add__(self, other: Records) -> Records:
+        if not other.lines:
+            return self
+        if not self.lines:
+            return other
+        offsets = [*self.offsets[:-1], *map(len(self.data).__add__, other.offsets)]
+        return Records(self.data + other.data, offsets, self.lines + other.lines)
+
     def join(self, runs: Sequence[Run]) -> bytes:
         """The bytes of the records of `runs`, in order: what one COPY of them sends."""
         if len(runs) == 1:
@@ -71,15 +87,13 @@ class Records:
         return Records(self.join(runs), offsets, lines)
 
 
-def split_records(batch: Batch, dialect: CsvDialect) -> Records:
-    """The records of a batch, with the source line each starts on. Every line starts a record
-    unless the line before it ends inside a quoted field; all of it in C (split, accumulate,
-    slices), no Python step per row."""
-    data = bytes(batch.data)  # a copy: rejects keep slices of it after the batch's buffer is reused
+def split_records(data: bytes, first: int, dialect: CsvDialect) -> Records:
+    """The records of `data` (which starts at a record start, on source line `first`), with the
+    line each starts on. Every line starts a record unless the line before it ends inside a
+    quoted field; all of it in C (split, accumulate, slices), no Python step per row."""
     lines = data.split(b"\n")
     lines.pop()  # after the last newline: empty, or a last record without a line ending
     line_starts = list(itertools.accumulate(map((1).__add__, map(len, lines)), initial=0))
-    first = batch.first_line
     if dialect.escape_char == dialect.quote:
         # Keep the line starts but those after a line ending inside quotes: ranges lo[i]:hi[i].
         cuts = [0, *itertools.chain.from_iterable(_quoted_lines(data, line_starts, dialect.quote.encode())), len(lines) + 1]
@@ -183,24 +197,143 @@ class ErrorRate:
 
 
 async def isolate(
-    records: Records,
+    batch: Batch,
+    dialect: CsvDialect,
     copy: Copy,
     copy_line: Callable[[BaseException], int | None],
     first_error: BaseException | None = None,
     rate: ErrorRate | None = None,
 ) -> tuple[int, list[Reject]]:
-    """Load every good record through `copy` (each call in its own savepoint), reject the bad.
+    """Load every good record of `batch` through `copy` (each call in its own savepoint), reject
+    the bad ones. Returns (rows loaded, rejects).
 
-    `first_error` is the error of the COPY of all `records` that sent us here, so the first
+    `first_error` is the error of the COPY of the whole batch that sent us here, so the first
     bad row is known without sending the batch again; `rate` carries the density of bad rows
-    from batch to batch. Returns (rows loaded, rejects).
+    from batch to batch. Pieces are cut at record ends by bytes, so a piece that loads costs
+    no Python work per row: only the part of a refused piece up to the record the server
+    names is split into records. The records before it are known good and go again with the
+    next piece; the record itself is rejected."""
+    rate = rate if rate is not None else ErrorRate()
+    data = bytes(batch.data)  # a copy: rejects keep slices of it after the batch's buffer is reused
+    if dialect.escape_char != dialect.quote:  # records cannot be cut by counting quotes
+        return await _resolve(split_records(data, batch.first_line, dialect), copy, copy_line, first_error, rate)
+    quote = dialect.quote.encode()
+    record_bytes = len(data) / max(1, batch.rows)
+    loaded = 0
+    rejects: list[Reject] = []
+    carry = Records(b"", [0], [])  # known good, split: they go with the next piece
+    start, line = 0, batch.first_line  # data[start:] is not split yet, and starts on source line `line`
+    end, error = len(data), first_error
+    while start < len(data) or carry:
+        if error is None:
+            end = len(data)
+            if rate.rows:
+                piece = rate.piece()
+                # As many known good records as a piece go alone, lest failures pile them up.
+                end = start if len(carry) >= piece else _record_end(data, start, start + int(piece * record_bytes), quote)
+            try:
+                rows = await copy(carry.data + data[start:end])
+            except Exception as exc:
+                if not is_data_error(exc):
+                    raise
+                error = exc
+            else:
+                loaded += rows
+                rate.rows += rows - len(carry)
+                carry = Records(b"", [0], [])
+                line += data.count(b"\n", start, end)
+                start = end
+                continue
+        # The COPY of carry + data[start:end] failed with `error`.
+        view, bad = _locate(carry, data, start, end, line, copy_line(error), record_bytes, quote, dialect)
+        if bad is None:  # the server named no record: bisect all that was sent
+            piece_loaded, piece_rejects = await _resolve(view, copy, copy_line, error, rate)
+            loaded += piece_loaded
+            rejects += piece_rejects
+            carry, error = Records(b"", [0], []), None
+            line += data.count(b"\n", start, end)
+            start = end
+            continue
+        if len(view) > 1 and sqlstate(error) == COPY_FORMAT_ERROR:
+            # COPY takes the line-ending style from a piece's first record, so a record that ends
+            # differently is refused among others but may load alone: try it alone before rejecting.
+            try:
+                loaded += await copy(view.record(bad))
+                error = None
+            except Exception as exc:
+                if not is_data_error(exc):
+                    raise
+                error = exc
+        if error is not None:
+            rejects.append(_reject(view, bad, error))
+            rate.bad += 1
+        rate.rows += max(0, bad + 1 - len(carry))
+        if bad < len(carry):  # a record carried as good failed: the piece after it was not reached
+            carry = view.slice(0, bad) + view.slice(bad + 1, len(carry))
+        else:
+            consumed = view.offsets[bad + 1] - len(carry.data)  # bytes of data[start:] up to the bad record's end
+            carry = view.slice(0, bad)
+            line += data.count(b"\n", start, start + consumed)
+            start += consumed
+        error = None
+    return loaded, rejects
+
+
+def _locate(
+    carry: Records,
+    data: bytes,
+    start: int,
+    end: int,
+    line: int,
+    reported: int | None,
+    record_bytes: float,
+    quote: bytes,
+    dialect: CsvDialect,
+) -> tuple[Records, int | None]:
+    """The records of a refused COPY of carry + data[start:end], and the index of the one the
+    server reported (None if it named none). Only as much of data[start:end] is split as
+    the reported line needs: a guess from the average record size, doubled until enough."""
+    if reported is None:
+        return carry + split_records(data[start:end], line, dialect), None
+    size = max(1, reported - len(carry)) * record_bytes * 1.25
+    while True:
+        bound = _record_end(data, start, start + int(size), quote) if start + size < end else end
+        view = carry + split_records(data[start:bound], line, dialect)
+        bad = find_copy_line(view, 0, len(view), reported)
+        if bad is not None or bound >= end:
+            return view, bad
+        size *= 2
+
+
+def _record_end(data: bytes, start: int, at: int, quote: bytes) -> int:
+    """Where the first record that ends at or after byte `at` ends, records starting at
+    `start` and quotes inside fields doubled: at the first line break after `at` that an
+    even number of quotes since `start` leaves outside quotes. The end of `data` if none."""
+    end = data.find(b"\n", at) if at < len(data) else -1
+    odd = data.count(quote, start, end) & 1 if end >= 0 else 0
+    while odd and end >= 0:
+        after = data.find(b"\n", end + 1)
+        odd ^= data.count(quote, end, after) & 1 if after >= 0 else 0
+        end = after
+    return len(data) if end < 0 else end + 1
+
+
+async def _resolve(
+    records: Records,
+    copy: Copy,
+    copy_line: Callable[[BaseException], int | None],
+    first_error: BaseException | None,
+    rate: ErrorRate,
+) -> tuple[int, list[Reject]]:
+    """Load the good `records`, reject the bad, record by record: for a refusal that names no
+    record, and for a custom --escape (records cannot be cut by counting quotes).
+    `first_error` is the error of a COPY of all `records`, if one was sent.
 
     Every COPY sends the first records still pending: those known good (they went through
     in a COPY that failed after them) and the next piece. When it fails on a named record,
     the records before it are known good, and the record is rejected; the records after it
     stay pending. A failure that names no record (a foreign key checked at the end of the
     COPY) is bisected: pieces of half the size until one record alone fails."""
-    rate = rate if rate is not None else ErrorRate()
     loaded = 0
     rejects: list[Reject] = []
     pending: list[Run] = [(0, len(records))]  # neither loaded nor rejected yet, in order

@@ -19,7 +19,7 @@ import asyncpg
 from . import sql
 from .batching import Batch
 from .errors import LoaderError, UsageError, is_data_error, is_transient, server_message, sqlstate
-from .isolate import ErrorRate, isolate, split_records
+from .isolate import ErrorRate, isolate
 from .ledger import Ledger
 from .options import CsvDialect, LoadOptions, RetryPolicy
 from .rejects import Reject
@@ -374,7 +374,6 @@ class Sink:
                 return Outcome(rows, 0, [])
 
     async def _load_isolating(self, batch: Batch, refusal: BaseException | None) -> Outcome:
-        records = split_records(batch, self._dialect)
         async with self._pool.acquire() as conn:
             async with conn.transaction():
                 done = await self._claim(conn, batch)
@@ -395,7 +394,7 @@ class Sink:
                     before = sql.PIECE_KEEP + "; "
                     return rows
 
-                loaded, rejects = await isolate(records, copy_in_savepoint, copy_line, refusal, self._error_rate)
+                loaded, rejects = await isolate(batch, self._dialect, copy_in_savepoint, copy_line, refusal, self._error_rate)
                 if before.startswith(sql.PIECE_UNDO):  # the last piece failed: out of the aborted state
                     await conn.execute(sql.PIECE_UNDO)
                 await self._ledger.record_rejects(conn, self._load_id, batch.number, loaded, rejects)

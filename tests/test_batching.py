@@ -163,7 +163,7 @@ def check_batches(
     assert b"".join(b.data for b in batches) == b"".join(records)
     assert sum(b.rows for b in batches) == len(records)
     assert [b.number for b in batches] == list(range(1, len(batches) + 1))
-    assert [r for b in batches for r in split_records(b, dialect).lines] == start_lines(records, first_line)
+    assert [r for b in batches for r in split_records(b.data, b.first_line, dialect).lines] == start_lines(records, first_line)
 
     line, offset, taken = first_line, first_offset, 0
     for k, b in enumerate(batches):
@@ -374,7 +374,7 @@ def test_a_quote_left_open_at_end_of_file_is_kept_as_the_last_record(
     assert batches, "the open record was lost"
     last = batches[-1]
     assert last.data.endswith(tail)
-    assert split_records(last, d).lines[-1] == 1 + body.count(b"\n")
+    assert split_records(last.data, last.first_line, d).lines[-1] == 1 + body.count(b"\n")
     check_batches(
         batches,
         [*records, tail],
@@ -562,7 +562,7 @@ def test_each_record_of_a_batch_is_found_on_its_starting_line() -> None:
     data = b'h\n1,"a\nb\nc"\n2,x\n3,"\r\n"\r\n4,y\n'
     _, batches = cut(data, CsvDialect(), batch_rows=10)
     assert len(batches) == 1
-    assert split_records(batches[0], CsvDialect()).lines == [2, 5, 6, 8]
+    assert split_records(batches[0].data, batches[0].first_line, CsvDialect()).lines == [2, 5, 6, 8]
 
 
 @settings(max_examples=300, deadline=None)

@@ -197,17 +197,17 @@ def test_the_fast_path_never_parses_rows(db: Db, tmp_path: Path, monkeypatch: py
     """A clean file goes to COPY as raw bytes: the row splitter of the slow path is never called."""
     import asyncio
 
-    import loader.sink
+    import loader.isolate
     from loader import LoadOptions, load
 
     calls: list[int] = []
-    real = loader.sink.split_records
+    real = loader.isolate.split_records
 
     def counting(*args: object, **kwargs: object) -> object:
         calls.append(1)
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(loader.sink, "split_records", counting)
+    monkeypatch.setattr(loader.isolate, "split_records", counting)
     db.sql("CREATE TABLE clean (id int, v text)")
     path = tmp_path / "clean.csv"
     path.write_text("id,v\n" + "".join(f'{i},"a\n""b"""\n' for i in range(50_000)))
