@@ -172,7 +172,7 @@ def _find_copy_line_counting(records: Records, lo: int, stop: int, reported: int
 def _reject(records: Records, i: int, exc: BaseException) -> Reject:
     data = records.record(i)
     data = data[:-2] if data.endswith(b"\r\n") else data[:-1] if data.endswith(b"\n") else data
-    return Reject(records.lines[i], sqlstate(exc) or "", server_message(exc), data)
+    return Reject(records.lines[i], sqlstate(exc) or "", server_message(exc), bytes(data))
 
 
 Copy = Callable[[bytes], Awaitable[int]]
@@ -214,7 +214,7 @@ async def isolate(
     names is split into records. The records before it are known good and go again with the
     next piece; the record itself is rejected."""
     rate = rate if rate is not None else ErrorRate()
-    data = bytes(batch.data)  # a copy: rejects keep slices of it after the batch's buffer is reused
+    data = batch.data  # only ever sliced (copied): nothing keeps it once the batch's buffer is reused
     if dialect.escape_char != dialect.quote:  # records cannot be cut by counting quotes
         return await _resolve(split_records(data, batch.first_line, dialect), copy, copy_line, first_error, rate)
     quote = dialect.quote.encode()
