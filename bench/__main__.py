@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table([Result(**{**r, "runs": []}) for r in report["results"]]))
         if not args.no_bad_rows:
             bad_every = 1000
-            bad_path = data / f"bench-{args.rows}-bad.csv"
+            bad_path = data / f"bench-{args.rows}-bad-scattered.csv"
             if not bad_path.exists():
                 write(bad_path, args.rows, bad_every=bad_every)
             report["bad_rows"] = bench.measure_bad_rows(path, bad_path, args.rows, args.rows // bad_every, args.runs)

@@ -31,9 +31,13 @@ def _note(rnd: random.Random) -> str:
 
 
 def write(path: Path, rows: int, seed: int = 1, bad_every: int = 0) -> Path:
-    """Write `rows` records (plus a header) to `path`; every `bad_every`-th row has a letter in
-    an integer column (0: none). The same arguments always write the same bytes."""
+    """Write `rows` records (plus a header) to `path`; one row in `bad_every` (0: none), at
+    random places, has a letter in an integer column. The same arguments always write the
+    same bytes, and the other rows are those of the file without bad rows. Bad rows at
+    random, not every n-th row: a period lines up with the loader's piece sizes and makes
+    some sizes look far better or worse than they are."""
     rnd = random.Random(seed)
+    bad = set(random.Random(seed + 1).sample(range(1, rows + 1), rows // bad_every)) if bad_every else set()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", encoding="utf-8", newline="") as fh:
@@ -48,7 +52,7 @@ def write(path: Path, rows: int, seed: int = 1, bad_every: int = 0) -> Path:
             note_field = '"' + note.replace('"', '""') + '"' if any(c in note for c in ',"\n') else note
             category_field = f'"{category}"' if "," in category else category
             user = "" if i % 17 == 0 else str(rnd.randint(1, 2_000_000))
-            if bad_every and i % bad_every == 0:
+            if i in bad:
                 user = "n/a"
             chunk.append(
                 f"{i},2024-{1 + i % 12:02d}-{1 + i % 28:02d} {i % 24:02d}:{i % 60:02d}:{(i * 7) % 60:02d}+00,"

@@ -29,9 +29,11 @@ from .options import CsvDialect
 from .rejects import Reject
 
 MIN_PIECE = 16
-# sqrt(2 c / r) with c ≈ 0.3 ms for a COPY in a savepoint and r ≈ 3.3 µs to parse a row (here,
-# PostgreSQL 15 on 2 cores): one bad row in a thousand gives pieces of about 430 rows.
-PIECE_FACTOR = 13.5
+# sqrt(2 c / r), measured: on the bench file with one bad row in a thousand at random places
+# (PostgreSQL 15, 2 cores), factors from 6.5 to 13.5 came within noise of each other, 9 the
+# best: pieces of about 285 rows. (A file with a bad row every 1,000th row misleads: some
+# piece sizes line up with the period.)
+PIECE_FACTOR = 9.0
 COPY_FORMAT_ERROR = "22P04"  # bad_copy_file_format: field count, line endings, open quotes
 
 
