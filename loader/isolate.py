@@ -256,19 +256,11 @@ async def isolate(
             line += data.count(b"\n", start, end)
             start = end
             continue
-        if len(view) > 1 and sqlstate(error) == COPY_FORMAT_ERROR:
-            # COPY takes the line-ending style from a piece's first record, so a record that ends
-            # differently is refused among others but may load alone: try it alone before rejecting.
-            try:
-                loaded += await copy(view.record(bad))
-                error = None
-            except Exception as exc:
-                if not is_data_error(exc):
-                    raise
-                error = exc
-        if error is not None:
-            rejects.append(_reject(view, bad, error))
-            rate.bad += 1
+        reject = await _settle(view, bad, error, copy, rate)
+        if reject is None:
+            loaded += 1
+        else:
+            rejects.append(reject)
         rate.rows += max(0, bad + 1 - len(carry))
         if bad < len(carry):  # a record carried as good failed: the piece after it was not reached
             carry = view.slice(0, bad) + view.slice(bad + 1, len(carry))
@@ -372,24 +364,32 @@ async def _resolve(
             bisecting, known, error = (max(1, len(view) // 2), len(view)), 0, None
             continue
         bad = bad or 0
-        if len(view) > 1 and sqlstate(error) == COPY_FORMAT_ERROR:
-            # COPY takes the line-ending style from a piece's first record, so a record that ends
-            # differently is refused among others but may load alone: try it alone before rejecting.
-            try:
-                loaded += await copy(view.record(bad))
-                error = None
-            except Exception as exc:
-                if not is_data_error(exc):
-                    raise
-                error = exc
-        if error is not None:
-            rejects.append(_reject(view, bad, error))
-            rate.bad += 1
+        reject = await _settle(view, bad, error, copy, rate)
+        if reject is None:
+            loaded += 1
+        else:
+            rejects.append(reject)
             bisecting = None
         rate.rows += max(0, bad + 1 - known)
         head, rest = _cut(pending, bad)
         pending, known, error = head + _cut(rest, 1)[1], bad, None
     return loaded, rejects
+
+
+async def _settle(records: Records, bad: int, error: BaseException, copy: Copy, rate: ErrorRate) -> Reject | None:
+    """Reject the record a COPY of `records` was refused at; None if it loaded alone instead.
+    COPY takes the line-ending style from a piece's first record, so a record that ends
+    differently is refused among others (22P04) but may load alone: it is tried alone first."""
+    if len(records) > 1 and sqlstate(error) == COPY_FORMAT_ERROR:
+        try:
+            await copy(records.record(bad))
+            return None
+        except Exception as exc:
+            if not is_data_error(exc):
+                raise
+            error = exc
+    rate.bad += 1
+    return _reject(records, bad, error)
 
 
 def _size(runs: list[Run]) -> int:
