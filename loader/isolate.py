@@ -89,6 +89,9 @@ class Records:
         return Records(self.join(runs), offsets, lines)
 
 
+NO_RECORDS = Records(b"", [0], [])
+
+
 def split_records(data: bytes, first: int, dialect: CsvDialect) -> Records:
     """The records of `data` (which starts at a record start, on source line `first`), with the
     line each starts on. Every line starts a record unless the line before it ends inside a
@@ -223,7 +226,7 @@ async def isolate(
     record_bytes = len(data) / max(1, batch.rows)
     loaded = 0
     rejects: list[Reject] = []
-    carry = Records(b"", [0], [])  # known good, split: they go with the next piece
+    carry = NO_RECORDS  # known good, split: they go with the next piece
     start, line = 0, batch.first_line  # data[start:] is not split yet, and starts on source line `line`
     end, error = len(data), first_error
     while start < len(data) or carry:
@@ -242,17 +245,17 @@ async def isolate(
             else:
                 loaded += rows
                 rate.rows += rows - len(carry)
-                carry = Records(b"", [0], [])
+                carry = NO_RECORDS
                 line += data.count(b"\n", start, end)
                 start = end
                 continue
         # The COPY of carry + data[start:end] failed with `error`.
-        view, bad = _locate(carry, data, start, end, line, copy_line(error), record_bytes, quote, dialect)
+        view, bad = _locate(carry, data, start, end, line, copy_line(error), len(data) / max(1, batch.lines), quote, dialect)
         if bad is None:  # the server named no record: bisect all that was sent
             piece_loaded, piece_rejects = await _resolve(view, copy, copy_line, error, rate)
             loaded += piece_loaded
             rejects += piece_rejects
-            carry, error = Records(b"", [0], []), None
+            carry, error = NO_RECORDS, None
             line += data.count(b"\n", start, end)
             start = end
             continue
@@ -280,16 +283,16 @@ def _locate(
     end: int,
     line: int,
     reported: int | None,
-    record_bytes: float,
+    line_bytes: float,
     quote: bytes,
     dialect: CsvDialect,
 ) -> tuple[Records, int | None]:
     """The records of a refused COPY of carry + data[start:end], and the index of the one the
     server reported (None if it named none). Only as much of data[start:end] is split as
-    the reported line needs: a guess from the average record size, doubled until enough."""
+    the reported line needs: a guess from the average line's size, doubled until enough."""
     if reported is None:
         return carry + split_records(data[start:end], line, dialect), None
-    size = max(1, reported - len(carry)) * record_bytes * 1.25
+    size = max(line_bytes, reported * line_bytes * 1.25 - len(carry.data))
     while True:
         bound = _record_end(data, start, start + int(size), quote) if start + size < end else end
         view = carry + split_records(data[start:bound], line, dialect)

@@ -218,3 +218,32 @@ def test_the_fast_path_never_parses_rows(db: Db, tmp_path: Path, monkeypatch: py
     bad.write_text("id,v\n1,a\nx,b\n")
     assert asyncio.run(load(LoadOptions(source=str(bad), table="clean", dsn=db.dsn))).rows_rejected == 1
     assert calls == [1]  # the slow path, and only for the refused batch
+
+
+def test_with_bad_rows_in_every_batch_only_refused_pieces_are_split_into_records(
+    db: Db, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One bad row in a thousand, so every batch is refused: the batches go in pieces cut by
+    bytes, and only the refused pieces, up to their bad row, are split into records."""
+    import asyncio
+
+    import loader.isolate
+    from loader import LoadOptions, load
+
+    split: list[int] = []
+    real = loader.isolate.split_records
+
+    def counting(data: bytes, first: int, dialect: object) -> object:
+        split.append(len(data))
+        return real(data, first, dialect)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loader.isolate, "split_records", counting)
+    db.sql("CREATE TABLE dense (id int, v text)")
+    bad = set(random.Random(3).sample(range(200_000), 200))
+    path = tmp_path / "dense.csv"
+    path.write_text("id,v\n" + "".join(f'{"x" if i in bad else i},"a\n""b"""\n' for i in range(200_000)))
+    report = asyncio.run(load(LoadOptions(source=str(path), table="dense", dsn=db.dsn, batch_rows=20_000)))
+    assert (report.rows_loaded, report.rows_rejected) == (199_800, 200)
+    assert db.value("SELECT count(*) FROM dense") == 199_800
+    assert [r[0] for r in rejects_of(tmp_path / "dense.csv.rejects.csv")] == sorted(2 + 2 * i for i in bad)
+    assert 0 < sum(split) < path.stat().st_size / 3
