@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import random
 from pathlib import Path
 
@@ -139,6 +140,25 @@ def test_rows_whose_foreign_key_has_no_parent_are_rejected(db: Db, tmp_path: Pat
         (i + 1, "23503", f"{i},{parent}".encode()) for i, parent in orphans.items()
     ]
     assert db.value("SELECT count(*) FROM children WHERE parent > 100") == 0
+
+
+def test_bad_rows_with_a_backslash_escape_are_rejected_at_their_lines(db: Db, tmp_path: Path) -> None:
+    """With a custom --escape, quotes cannot be counted to cut records: refused batches are
+    split record by record, and the bad rows are found just the same."""
+    db.sql("CREATE TABLE esc (id int, v text)")
+    records = [b'%d,"say \\"hi\\"\nthere"' % i for i in range(1, 301)]
+    for i in (0, 41, 42, 150, 299):
+        records[i] = b'x%d,"bad \\" one"' % i
+    (tmp_path / "esc.csv").write_bytes(b"id,v\n" + b"".join(r + b"\n" for r in records))
+    lines = itertools.accumulate((1 + r.count(b"\n") for r in records), initial=2)  # where each record starts
+    starts = dict(zip(lines, records))
+    run = db.loader("import", "esc.csv", "-t", "esc", "--escape", "\\", "--batch-size", "100", "--json")
+    assert run.code == 3, run.stderr
+    assert (run.json()["rows_loaded"], run.json()["rows_rejected"]) == (295, 5)
+    assert [(r[0], r[1]) for r in rejects_of(tmp_path / "esc.csv.rejects.csv")] == [
+        (line, "22P02") for line, rec in starts.items() if rec.startswith(b"x")
+    ]
+    assert db.value("SELECT count(*) FROM esc WHERE v = 'say \"hi\"' || chr(10) || 'there'") == 295
 
 
 def test_a_clean_file_loads_with_one_copy_per_batch(db: Db, tmp_path: Path) -> None:
