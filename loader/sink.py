@@ -221,6 +221,10 @@ def copy_options(dialect: CsvDialect) -> dict[str, str]:
     return options
 
 
+def copy_statement(target: Target, columns: Sequence[str], dialect: CsvDialect) -> str:
+    return sql.copy_from_stdin(target.schema, target.name, columns, copy_options(dialect))
+
+
 SEND_CHUNK = 256 * 1024
 PACE_CHUNK = 64 * 1024
 
@@ -259,7 +263,7 @@ async def check_copy(conn: asyncpg.Connection, target: Target, columns: Sequence
     privileges are all checked before the first batch, so mistakes exit 2 at once."""
     try:
         async with conn.transaction():
-            await copy_rows(conn, sql.copy_from_stdin(target.schema, target.name, columns, copy_options(dialect)), b"")
+            await copy_rows(conn, copy_statement(target, columns, dialect), b"")
             raise _Rollback
     except _Rollback:
         pass
@@ -293,7 +297,7 @@ class Sink:
         self._retry = retry
         self._on_retry = on_retry
         self._pace = pace
-        self._copy_statement = sql.copy_from_stdin(target.schema, target.name, columns, copy_options(dialect))
+        self._copy_statement = copy_statement(target, columns, dialect)
         self.copies = 0  # COPY statements sent, for the report and the fast-path test
         self._error_rate = ErrorRate()  # bad rows among those isolated so far: sizes the pieces
 

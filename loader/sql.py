@@ -20,10 +20,13 @@ def quote_ident(name: str) -> str:
 
 
 def quote_literal(value: str) -> str:
-    """Quote one string constant (standard_conforming_strings, on since PostgreSQL 9.1)."""
+    """Quote one string constant the way PostgreSQL's quote_literal does: a value with a
+    backslash goes as E'...' with the backslashes doubled, which reads the same whatever
+    standard_conforming_strings says."""
     if "\x00" in value:
         raise ValueError("a string constant cannot contain a NUL character")
-    return "'" + value.replace("'", "''") + "'"
+    quoted = value.replace("'", "''")
+    return "E'" + quoted.replace("\\", "\\\\") + "'" if "\\" in value else "'" + quoted + "'"
 
 
 def qualified(schema: str, name: str) -> str:

@@ -59,6 +59,24 @@ def test_backslash_escape_matches_psql_copy(db: Db, tmp_path: Path) -> None:
     assert db.value("SELECT count(*) FROM t") == 4
 
 
+def test_a_null_marker_with_a_quote_and_a_backslash_reaches_copy_intact(db: Db, tmp_path: Path) -> None:
+    """COPY's options can only be string literals: quotes and backslashes in them are quoted
+    so they mean the same whatever the server's standard_conforming_strings says."""
+    db.sql("CREATE TABLE t (id int, v text)")
+    db.sql("CREATE TABLE twin (id int, v text)")
+    csv = tmp_path / "n.csv"
+    csv.write_bytes(b"id,v\n1,N'\\\n2,text\n3,N'\\\n")
+    database = db.value("SELECT current_database()")
+    for setting in ("on", "off"):  # this test's own database: new sessions take the setting
+        db.sql(f'ALTER DATABASE "{database}" SET standard_conforming_strings = {setting}')
+        run = db.loader("import", str(csv), "-t", "t", "--null", "N'\\", "--force")
+        assert run.code == 0, run.stderr
+    db.sql(f'ALTER DATABASE "{database}" RESET standard_conforming_strings')
+    db.psql_copy("twin", csv, "FORMAT csv, HEADER true, NULL E'N\\'\\\\'")
+    assert db.value("SELECT count(*) FROM t WHERE v IS NULL") == 4
+    assert db.value("SELECT count(*) FROM twin WHERE v IS NULL") == 2
+
+
 def test_stdin_and_gzip_sources(db: Db, tmp_path: Path) -> None:
     make_events(db, "from_stdin", "from_gzip", "twin")
     csv = write_csv(tmp_path / "e.csv", event_rows(3000), EVENTS_HEADER)
