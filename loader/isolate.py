@@ -17,6 +17,7 @@ cut by counting quotes, the records are split and the pieces bisected.
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import math
 import operator
@@ -41,7 +42,7 @@ Run = tuple[int, int]  # records lo:hi
 
 
 class Records:
-    """The records of a refused batch, as offsets into its bytes (no copy per record)."""
+    """Records of a refused piece, as offsets into their bytes (no copy per record)."""
 
     def __init__(self, data: bytes, offsets: list[int], lines: list[int]) -> None:
         self.data = data
@@ -79,14 +80,7 @@ class Records:
         """The records of `runs` as one Records, numbered from 0 as one COPY of them counts."""
         if list(runs) == [(0, len(self))]:
             return self
-        offsets: list[int] = []
-        base = 0
-        for lo, hi in runs:
-            offsets.extend(map((base - self.offsets[lo]).__add__, self.offsets[lo:hi]))
-            base += self.offsets[hi] - self.offsets[lo]
-        offsets.append(base)
-        lines = list(itertools.chain.from_iterable(self.lines[lo:hi] for lo, hi in runs))
-        return Records(self.join(runs), offsets, lines)
+        return functools.reduce(operator.add, itertools.starmap(self.slice, runs), NO_RECORDS)
 
 
 NO_RECORDS = Records(b"", [0], [])
