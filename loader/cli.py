@@ -29,11 +29,14 @@ from .errors import EXIT_FATAL, EXIT_USAGE, LoaderError, UsageError
 from .options import (
     DEFAULT_BATCH_BYTES,
     DEFAULT_BATCH_ROWS,
+    DEFAULT_MAX_RECORD_BYTES,
     DEFAULT_RETRIES,
     DEFAULT_WORKERS,
     CsvDialect,
     LoadOptions,
     RetryPolicy,
+    check_seconds,
+    check_writable,
     parse_deadline,
     parse_rate,
 )
@@ -87,6 +90,7 @@ Workers = Annotated[str, _option("--workers", "-w", help="Connections, and batch
 MaxWorkers = Annotated[int, _option("--max-workers", help="The most batches in flight with --workers auto.", env="MAX_WORKERS")]
 BatchSize = Annotated[int, _option("--batch-size", help="Rows per batch (each batch is one transaction).", env="BATCH_SIZE")]
 BatchBytes = Annotated[int, _option("--batch-bytes", help="Bytes per batch at most; a batch ends at whichever limit comes first.", env="BATCH_BYTES")]
+MaxRecordBytes = Annotated[int, _option("--max-record-bytes", help="Longest record accepted, in bytes; at most 1 GiB - 1, the longest line PostgreSQL takes.", env="MAX_RECORD_BYTES")]
 Retries = Annotated[int, _option("--retries", help="Retries of a batch after a transient failure (lost connection, restart, deadlock, timeout).", env="RETRIES")]
 Rejects = Annotated[Optional[str], _option("--rejects", help="Where rejected rows go (CSV: line, sqlstate, message, record). Default: next to the source, SOURCE.rejects.csv (stdin: ./stdin.rejects.csv).", env="REJECTS", show_default=False)]
 MaxErrors = Annotated[Optional[int], _option("--max-errors", help="Stop (exit 1) once more than this many rows were rejected. Default: no limit.", env="MAX_ERRORS", show_default=False)]
@@ -136,6 +140,7 @@ def _options(
     rejects: str | None,
     max_errors: int | None,
     ledger_schema: str,
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
     max_workers: int = 8,
     load_id: str | None = None,
     restart: bool = False,
@@ -152,9 +157,7 @@ def _options(
 ) -> LoadOptions:
     """The command line's values as the library's frozen options (validated there)."""
     count, auto = _workers(workers, max_workers)
-    if dsn and dsn != os.environ.get("LOADER_DSN") and "://" in dsn and urlsplit(dsn).password:
-        log("loader: warning: a password in --dsn is visible in ps and shell history; use ~/.pgpass, PGPASSWORD or LOADER_DSN")
-    return LoadOptions(
+    options = LoadOptions(
         source=source,
         table=table,
         dialect=CsvDialect(delimiter=delimiter, quote=quote, escape=escape, null=null, encoding=encoding, header=header),
@@ -164,6 +167,7 @@ def _options(
         auto_workers=auto,
         batch_rows=batch_size,
         batch_bytes=batch_bytes,
+        max_record_bytes=max_record_bytes,
         retry=RetryPolicy(attempts=retries + 1),
         rejects=rejects,
         max_errors=max_errors,
@@ -180,6 +184,30 @@ def _options(
         lock_timeout=lock_timeout,
         application_name=application_name,
     )
+    # Only for a run that goes ahead: a refused command gets its one error line, nothing more.
+    if dsn and dsn != os.environ.get("LOADER_DSN") and _has_password(dsn):
+        log("loader: warning: a password in --dsn is visible in ps and shell history; use ~/.pgpass, PGPASSWORD or LOADER_DSN")
+    return options
+
+
+def _has_password(dsn: str) -> bool:
+    try:
+        return "://" in dsn and bool(urlsplit(dsn).password)
+    except ValueError:  # not a URL: LoadOptions says so; this is only a warning
+        return False
+
+
+def _prepared(table: str, metrics_file: str | None, build: Callable[[], LoadOptions]) -> LoadOptions:
+    """--metrics-file is checked before anything else (if it cannot be written, no failure can
+    be reported there); a usage error found after it is recorded in it like any other outcome."""
+    if metrics_file:
+        check_writable(Path(metrics_file), "--metrics-file")
+    try:
+        return build()
+    except LoaderError as exc:
+        if metrics_file:
+            metrics.write(Path(metrics_file), table, exc.exit_code, None, 0.0)
+        raise
 
 
 Job = Callable[[asyncio.Event, Callable[[Report], None]], Coroutine[Any, Any, Report]]
@@ -248,6 +276,7 @@ def import_(
     max_workers: MaxWorkers = 8,
     batch_size: BatchSize = DEFAULT_BATCH_ROWS,
     batch_bytes: BatchBytes = DEFAULT_BATCH_BYTES,
+    max_record_bytes: MaxRecordBytes = DEFAULT_MAX_RECORD_BYTES,
     retries: Retries = DEFAULT_RETRIES,
     rejects: Rejects = None,
     max_errors: MaxErrors = None,
@@ -271,14 +300,13 @@ def import_(
     """Load a CSV file into a PostgreSQL table, exactly once: a re-run resumes an unfinished
     load, and does nothing for a finished one."""
     _setup_logging(verbose)
-    try:
-        if log_interval <= 0:
-            raise UsageError("--log-interval must be more than 0 seconds")
-        options = _options(**locals())
-    except LoaderError as exc:
-        if metrics_file:
-            metrics.write(Path(metrics_file), table, exc.exit_code, None, 0.0)
-        raise
+    given = dict(locals())
+
+    def build() -> LoadOptions:
+        check_seconds("--log-interval", log_interval)
+        return _options(**given)
+
+    options = _prepared(table, metrics_file, build)
     _run(
         lambda interrupt, on_start: pipeline.load(options, interrupt, on_start),
         json_output, table, metrics_file, progress=True, log_interval=log_interval,
@@ -300,11 +328,13 @@ def retry_rejects(
     workers: Workers = str(DEFAULT_WORKERS),
     batch_size: BatchSize = DEFAULT_BATCH_ROWS,
     batch_bytes: BatchBytes = DEFAULT_BATCH_BYTES,
+    max_record_bytes: MaxRecordBytes = DEFAULT_MAX_RECORD_BYTES,
     retries: Retries = DEFAULT_RETRIES,
     rejects: Rejects = None,
     max_errors: MaxErrors = None,
     ledger_schema: LedgerSchema = "loader",
     wait_lock: WaitLock = 0.0,
+    metrics_file: MetricsFile = None,
     json_output: Json = False,
 ) -> None:
     """Load the records of a rejects file (after fixing them) with the original load's options;
@@ -312,8 +342,11 @@ def retry_rejects(
     given = dict(locals())
     source = given.pop("rejects_file")
     _setup_logging(False)
-    options = _options(source, **given)
-    _run(lambda interrupt, on_start: pipeline.retry_rejects(source, options, interrupt), json_output, table, progress=False)
+    options = _prepared(table, metrics_file, lambda: _options(source, **given))
+    _run(
+        lambda interrupt, on_start: pipeline.retry_rejects(source, options, interrupt),
+        json_output, table, metrics_file, progress=False,
+    )
 
 
 @app.command("status")
@@ -325,6 +358,8 @@ def status_(
     json_output: Json = False,
 ) -> None:
     """Show recent loads from the ledger: source, table, state, rows, started, duration."""
+    if limit < 1:
+        raise UsageError("--limit must be at least 1")
     options = LoadOptions(source="-", table=table or "-", dsn=dsn, workers=1, ledger_schema=ledger_schema)
     loads = asyncio.run(pipeline.status(options, table, limit))
     if json_output:
@@ -357,12 +392,15 @@ def _setup_logging(verbose: bool) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
     logger.propagate = False
-    # asyncpg's pool logs reconnection trouble with tracebacks: one line, and only with --verbose.
+    # asyncpg's pool logs reconnection trouble with tracebacks, and asyncio complains of each
+    # write to a connection the server closed ("socket.send() raised exception.", by the
+    # hundred): one line each, and only with --verbose.
     quiet = logging.StreamHandler(sys.stderr)
     quiet.setFormatter(_NoTraceback(stamp + "%(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
-    driver = logging.getLogger("asyncpg")
-    driver.handlers[:] = [quiet] if verbose else [logging.NullHandler()]
-    driver.propagate = False
+    for name in ("asyncpg", "asyncio"):
+        other = logging.getLogger(name)
+        other.handlers[:] = [quiet] if verbose else [logging.NullHandler()]
+        other.propagate = False
 
 
 class _NoTraceback(logging.Formatter):

@@ -11,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .errors import LoaderError
 from .report import Report
 
 _METRICS = (
@@ -30,6 +31,8 @@ def _label(value: str) -> str:
 
 
 def write(path: Path, table: str, exit_code: int, report: Report | None, duration: float) -> None:
+    """The CLI checks the path before the run (options.check_writable); should it fail anyway
+    by the end (folder removed, disk full), that is one line naming the option, not a crash."""
     values = [
         time.time(),
         1 if exit_code == 0 else 0,
@@ -46,12 +49,15 @@ def write(path: Path, table: str, exit_code: int, report: Report | None, duratio
         for (name, kind, doc), value in zip(_METRICS, values)
     )
     folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                out.write(text)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as exc:
+        raise LoaderError(f"--metrics-file {path}: cannot write it ({exc.strerror or exc})") from None

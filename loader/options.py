@@ -6,9 +6,15 @@ Validation happens here, once, so a bad combination fails before any connection 
 from __future__ import annotations
 
 import codecs
+import math
+import os
 import re
+import stat
+import tempfile
 from datetime import datetime, timedelta
 from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
 
 from .errors import UsageError
 
@@ -16,6 +22,10 @@ DEFAULT_BATCH_ROWS = 50_000
 DEFAULT_BATCH_BYTES = 4 * 1024 * 1024
 DEFAULT_WORKERS = 2
 DEFAULT_RETRIES = 5
+DEFAULT_MAX_RECORD_BYTES = 64 << 20
+MAX_BATCH_BYTES = 1 << 30  # memory is about 2 x workers x batch bytes
+MAX_RECORD_BYTES = (1 << 30) - 1  # PostgreSQL refuses a longer line in COPY
+_PG_MAX_MS = 2_147_483_647  # statement_timeout and lock_timeout are int milliseconds
 
 # Python codec names PostgreSQL spells differently; the others (utf-8, iso8859-1, euc_jp,
 # koi8_r, ...) match once PostgreSQL drops punctuation, and cp125x become WIN125x.
@@ -29,6 +39,82 @@ def _single_byte(name: str, value: str) -> None:
         raise UsageError(f"--{name} cannot be a newline or carriage return")
 
 
+def _usable_text_encoding(info: codecs.CodecInfo) -> bool:
+    """Some codecs exist without being text encodings (hex, rot13: bytes to bytes, str to str)
+    or fail on the calls the loader makes (undefined; idna has no errors="replace"): only
+    a codec that encodes and decodes plain ASCII the way the loader calls it will do."""
+    if not getattr(info, "_is_text_encoding", True):
+        return False
+    try:
+        "\n,\"a".encode(info.name, errors="replace")
+        b"\n,\"a".decode(info.name, errors="strict")
+        b"\n,\"a".decode(info.name, errors="replace")
+    except Exception:  # noqa: BLE001 - any failure means the codec is of no use for a CSV file
+        return False
+    return True
+
+
+def check_seconds(option: str, value: float | None, *, zero: bool = False, most_ms: int | None = None) -> None:
+    """A number of seconds: finite (inf and nan parse as floats), more than 0 (or at least 0
+    with `zero`), and with `most_ms` no more milliseconds than PostgreSQL's setting takes."""
+    if value is None:
+        return
+    if not math.isfinite(value):
+        raise UsageError(f"{option} must be a finite number of seconds, got {value}")
+    if zero and value < 0:
+        raise UsageError(f"{option} cannot be negative")
+    if not zero and value <= 0:
+        raise UsageError(f"{option} must be more than 0 seconds")
+    if most_ms is not None and round(value * 1000) > most_ms:
+        raise UsageError(f"{option} must be at most {most_ms // 1000} seconds (PostgreSQL's limit)")
+
+
+def check_dsn(dsn: str) -> None:
+    """asyncpg takes only URLs, and several places split the URL (the password warning, the
+    server named in messages): its shape is checked once, here. The message never holds the
+    DSN, nor any part of it that could be the password."""
+    scheme, separator, rest = dsn.partition("://")
+    if not separator or scheme.lower() not in ("postgresql", "postgres"):
+        raise UsageError("--dsn is not a valid PostgreSQL URL (write postgresql://user@host:port/database)")
+    try:
+        urlsplit(dsn)
+    except ValueError as exc:
+        reason = " ".join(str(exc).split())
+        userinfo = rest.split("/", 1)[0].rpartition("@")[0]
+        for secret in (userinfo, userinfo.partition(":")[2]):
+            if secret:
+                reason = reason.replace(secret, "****")
+        raise UsageError(f"--dsn is not a valid PostgreSQL URL ({reason})") from None
+
+
+def check_writable(path: Path, option: str) -> None:
+    """The rejects and metrics writers create a temp file in the target's folder and rename it
+    over the target, after the load: the same steps are tried here first, so that a path they
+    cannot write is a usage error before anything is loaded. An existing directory, or a
+    device or fifo (the rename would replace it with a regular file), is refused."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        mode = None
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: cannot use it ({exc.strerror})") from None
+    if mode is not None and stat.S_ISDIR(mode):
+        raise UsageError(f"{option} {path}: is a directory")
+    if mode is not None and not stat.S_ISREG(mode):
+        raise UsageError(f"{option} {path}: not a regular file")
+    folder = path.parent
+    if not folder.exists():
+        raise UsageError(f"{option} {path}: no such directory {folder}")
+    if not folder.is_dir():
+        raise UsageError(f"{option} {path}: {folder} is not a directory")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".loader-check-", dir=folder)
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: cannot create a file in {folder} ({exc.strerror})") from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
 @dataclass(frozen=True)
 class CsvDialect:
     """How the source is written; mirrors the options of PostgreSQL's COPY (FORMAT csv)."""
@@ -39,6 +125,9 @@ class CsvDialect:
     null: str = ""
     encoding: str = "utf-8"
     header: bool = True
+    # What ends a record: "\n" (LF or CRLF files) or "\r" (classic Mac files). Not an option:
+    # COPY takes it from the first line of its data, and the batcher does the same (detect_newline).
+    newline: str = "\n"
 
     def __post_init__(self) -> None:
         _single_byte("delimiter", self.delimiter)
@@ -52,9 +141,11 @@ class CsvDialect:
         if self.delimiter in self.null:
             raise UsageError("--null cannot contain the delimiter")
         try:
-            codecs.lookup(self.encoding)
+            info = codecs.lookup(self.encoding)
         except LookupError:
             raise UsageError(f"unknown --encoding {self.encoding!r}") from None
+        if not _usable_text_encoding(info):
+            raise UsageError(f"--encoding {self.encoding!r} is not a text encoding a CSV file can be written in")
         if not self.ascii_compatible:
             raise UsageError(
                 f"--encoding {self.encoding!r} is not supported: PostgreSQL reads only "
@@ -157,6 +248,7 @@ class LoadOptions:
     workers: int = DEFAULT_WORKERS
     batch_rows: int = DEFAULT_BATCH_ROWS
     batch_bytes: int = DEFAULT_BATCH_BYTES
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES  # the longest record accepted (PostgreSQL: 1 GiB - 1)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     ledger_schema: str = "loader"
     application_name: str = "loader"
@@ -185,18 +277,25 @@ class LoadOptions:
             raise UsageError("--batch-size must be at least 1 row")
         if self.batch_bytes < 1024:
             raise UsageError("--batch-bytes must be at least 1024")
-        for name, value in (
-            ("--max-replica-lag", self.max_replica_lag),
-            ("--max-lag-wait", self.max_lag_wait),
-            ("--statement-timeout", self.statement_timeout),
-            ("--lock-timeout", self.lock_timeout),
-        ):
-            if value is not None and value <= 0:
-                raise UsageError(f"{name} must be more than 0 seconds")
+        if self.batch_bytes > MAX_BATCH_BYTES:
+            raise UsageError(
+                f"--batch-bytes must be at most 1 GiB ({MAX_BATCH_BYTES}): memory is about 2 x workers x batch bytes"
+            )
+        if self.max_record_bytes < 1024:
+            raise UsageError("--max-record-bytes must be at least 1024")
+        if self.max_record_bytes > MAX_RECORD_BYTES:
+            raise UsageError(
+                f"--max-record-bytes must be at most {MAX_RECORD_BYTES} (1 GiB - 1): PostgreSQL cannot take a longer line"
+            )
+        if self.dsn:
+            check_dsn(self.dsn)
+        check_seconds("--max-replica-lag", self.max_replica_lag)
+        check_seconds("--max-lag-wait", self.max_lag_wait)
+        check_seconds("--statement-timeout", self.statement_timeout, most_ms=_PG_MAX_MS)
+        check_seconds("--lock-timeout", self.lock_timeout, most_ms=_PG_MAX_MS)
         if self.max_lag_wait is not None and self.max_replica_lag is None:
             raise UsageError("--max-lag-wait goes with --max-replica-lag")
-        if self.wait_lock < 0:
-            raise UsageError("--wait-lock cannot be negative")
+        check_seconds("--wait-lock", self.wait_lock, zero=True)
         if self.load_name is not None and not self.load_name.strip():
             raise UsageError("--load-id cannot be empty")
         if self.max_errors is not None and self.max_errors < 0:

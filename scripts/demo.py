@@ -2,13 +2,20 @@
 
 Server: $DATABASE_URL if set; else docker compose if a Docker engine answers; else a
 throwaway local cluster (loader.devserver), removed at the end.
+
+The server may be the user's own: the demo creates a schema of its own (loader_demo_<8 hex>,
+never an existing one) and puts everything in it, the example table and the load ledger,
+so it never drops or changes anything it did not create.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import random
+import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -21,6 +28,7 @@ from loader.devserver import start_server
 
 REPO = Path(__file__).resolve().parent.parent
 ROWS = 200_000
+_EXAMPLE_TABLE = re.compile(r"\bpublic\.events\b")
 COMPOSE_DSN = "postgresql://loader:loader@127.0.0.1:5432/loader"
 
 
@@ -43,16 +51,39 @@ def docker_answers() -> bool:
     return bool(docker) and subprocess.run([docker, "info"], capture_output=True).returncode == 0  # type: ignore[list-item]
 
 
-async def prepare(dsn: str) -> None:
+def example_sql(schema: str) -> str:
+    """sql/example.sql, its table moved into the demo's schema (the file itself names public)."""
+    text = (REPO / "sql" / "example.sql").read_text()
+    moved, count = _EXAMPLE_TABLE.subn(f"{schema}.events", text)
+    if not count or re.search(r"\bpublic\.", moved):
+        raise SystemExit("demo: sql/example.sql no longer creates only public.events; update scripts/demo.py")
+    return moved
+
+
+async def prepare(dsn: str, schema: str) -> None:
+    """A new schema (CREATE SCHEMA fails rather than reuse one) holding the example table."""
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute("DROP TABLE IF EXISTS public.events")
-        await conn.execute((REPO / "sql" / "example.sql").read_text())
+        async with conn.transaction():
+            await conn.execute(f"CREATE SCHEMA {schema}")
+            await conn.execute(example_sql(schema))
     finally:
         await conn.close()
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=positive, default=ROWS, help=f"rows in the sample CSV (default {ROWS:,})")
+    args = parser.parse_args()
+    schema = f"loader_demo_{secrets.token_hex(4)}"
+    table = f"{schema}.events"
     server = None
     dsn = os.environ.get("DATABASE_URL")
     if dsn:
@@ -65,17 +96,23 @@ def main() -> int:
         print("demo: starting a throwaway local PostgreSQL cluster", file=sys.stderr)
         server = start_server(local_only=True)
         dsn = server.dsn
+    prepared = False
     try:
         with tempfile.TemporaryDirectory(prefix="loader-demo-") as tmp:
             sample = Path(tmp) / "events.csv"
-            write_sample(sample, ROWS)
-            asyncio.run(prepare(dsn))
-            command = [sys.executable, "-m", "loader", "import", str(sample), "--table", "public.events", "--workers", "4"]
-            print("demo: $ loader import events.csv --table public.events --workers 4", file=sys.stderr)
+            write_sample(sample, args.rows)
+            asyncio.run(prepare(dsn, schema))
+            prepared = True
+            options = ["--table", table, "--ledger-schema", schema, "--workers", "4"]
+            command = [sys.executable, "-m", "loader", "import", str(sample), *options]
+            print(f"demo: $ loader import events.csv {' '.join(options)}", file=sys.stderr)
             return subprocess.run(command, env={**os.environ, "DATABASE_URL": dsn}).returncode
     finally:
         if server is not None:
             server.stop()
+        elif prepared:
+            print(f"demo: the rows are in {table}, the ledger in {schema}.loads; to remove them all:", file=sys.stderr)
+            print(f"demo:   DROP SCHEMA {schema} CASCADE;", file=sys.stderr)
 
 
 if __name__ == "__main__":
