@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -17,6 +18,10 @@ import asyncpg
 from . import sql
 from .errors import TryAgainLater, UsageError, is_transient, server_message
 from .rejects import Reject
+
+# What a load needs on the ledger (besides USAGE on its schema), and what `status` needs.
+LOAD_PRIVILEGES = (("loads", "batches", "rejects"), ("SELECT", "INSERT", "UPDATE"))
+STATUS_PRIVILEGES = (("loads", "batches"), ("SELECT",))
 
 
 class Ledger:
@@ -40,9 +45,15 @@ class Ledger:
         self._update_source_sql = sql.render(sql.UPDATE_SOURCE, schema=schema)
 
     async def ensure(self, conn: asyncpg.Connection) -> None:
-        """Create the ledger if it is missing; serialised so concurrent first loads do not race."""
-        if await self.exists(conn):
-            return
+        """Create the ledger if it is missing (serialised, so concurrent first loads do not race),
+        then check that this role may load through it: a UsageError naming the grants if not."""
+        access = await self._access(conn, write=True)
+        if not access["present"]:
+            await self._create(conn)
+            access = await self._access(conn, write=True)
+        self._require(access, write=True)
+
+    async def _create(self, conn: asyncpg.Connection) -> None:
         try:
             async with conn.transaction():
                 await conn.execute(sql.LEDGER_LOCK)
@@ -58,7 +69,29 @@ class Ledger:
             ) from None
 
     async def exists(self, conn: asyncpg.Connection) -> bool:
-        return bool(await conn.fetchval(sql.LEDGER_EXISTS, sql.qualified(self.schema, "rejects")))
+        return bool(await conn.fetchval(sql.LEDGER_EXISTS, self.schema))
+
+    async def check_privileges(self, conn: asyncpg.Connection, write: bool) -> None:
+        """A UsageError naming the grants, unless this role may load (`write`) or read the
+        ledger: USAGE on its schema and, on its tables, LOAD_PRIVILEGES or STATUS_PRIVILEGES."""
+        self._require(await self._access(conn, write), write)
+
+    async def _access(self, conn: asyncpg.Connection, write: bool) -> asyncpg.Record:
+        tables, privileges = LOAD_PRIVILEGES if write else STATUS_PRIVILEGES
+        return await conn.fetchrow(sql.LEDGER_PRIVILEGES, self.schema, list(tables), list(privileges))
+
+    def _require(self, access: asyncpg.Record, write: bool) -> None:
+        if access["granted"]:
+            return
+        tables, privileges = LOAD_PRIVILEGES if write else STATUS_PRIVILEGES
+        role, schema = access["role"], self.schema
+        needs = f"USAGE on the schema and {', '.join(privileges)} on its tables {', '.join(tables)}"
+        command = f"psql -v role={shlex.quote(role)} -v schema={shlex.quote(schema)} -f sql/grants.sql"
+        raise UsageError(
+            f"role {sql.quote_ident(role)} lacks privileges on the load ledger (schema {sql.quote_ident(schema)}): "
+            f"{'' if write else 'status '}needs {needs}; an owner can grant them"
+            f"{'' if write else ', with what a load needs,'} with sql/grants.sql ({command})"
+        )
 
     async def start(
         self,
@@ -89,6 +122,8 @@ class Ledger:
         return {r["batch_no"]: r for r in await conn.fetch(self._committed_batches_sql, load_id)}
 
     async def recent(self, conn: asyncpg.Connection, table: str | None, limit: int) -> list[asyncpg.Record]:
+        """The latest loads, newest first, as status shows them (see sql.RECENT_LOADS)."""
+        await self.check_privileges(conn, write=False)
         return await conn.fetch(self._recent_sql, table, limit)
 
     async def committed(self, conn: asyncpg.Connection, load_id: str, batch_no: int) -> asyncpg.Record | None:

@@ -67,7 +67,27 @@ SELECT attname FROM pg_attribute
 
 LEDGER_LOCK = "SELECT pg_advisory_xact_lock(hashtext('loader ledger schema'))"
 
-LEDGER_EXISTS = "SELECT to_regclass($1) IS NOT NULL"
+# From the catalogs, which every role may read: to_regclass would raise "permission denied
+# for schema" for a role without USAGE on it. $1 is the schema's name as is (not quoted).
+LEDGER_EXISTS = """
+SELECT EXISTS (SELECT FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                WHERE n.nspname = $1 AND c.relname = 'rejects')
+"""
+
+# Whether the ledger exists (as LEDGER_EXISTS), and whether the current role holds every
+# privilege named in $3 (one per element: has_*_privilege with "SELECT, INSERT" means any of
+# them, not all) on each ledger table named in $2, and USAGE on the schema $1 (names as they
+# are, not quoted). A missing table counts as not granted.
+LEDGER_PRIVILEGES = """
+SELECT current_user AS role,
+       EXISTS (SELECT FROM pg_class c WHERE c.relnamespace = n.oid AND c.relname = 'rejects') AS present,
+       n.oid IS NOT NULL AND has_schema_privilege(n.oid, 'USAGE') AND NOT EXISTS (
+           SELECT FROM unnest($2::text[]) AS t(name) CROSS JOIN unnest($3::text[]) AS p(privilege)
+            WHERE NOT coalesce((SELECT has_table_privilege(c.oid, p.privilege) FROM pg_class c
+                                 WHERE c.relnamespace = n.oid AND c.relname = t.name), false)
+       ) AS granted
+  FROM (SELECT) AS one LEFT JOIN pg_namespace n ON n.nspname = $1::text
+"""
 
 SCHEMA_EXISTS = "SELECT to_regnamespace($1) IS NOT NULL"
 
@@ -111,12 +131,58 @@ SELECT a.pid, a.application_name, a.backend_start
  LIMIT 1
 """
 
+# What status shows. The stored states stay as the loader writes them; shown are:
+# - a load stored `running` is live only while the session advisory lock on its table (see
+#   TRY_TABLE_LOCK) is held in this database by a session that is not another load's (a load
+#   names its sessions "<application name> <load id>" once planned; a name cut short at 63
+#   characters, or not yet set, does not rule a holder out); else its process is gone
+#   (kill -9, OOM, reboot): `interrupted`. pg_locks and pg_stat_activity's application_name
+#   are readable by every role; the table is looked up in the catalogs (parse_ident of the
+#   stored quoted name) rather than by to_regclass, which raises for a schema without USAGE.
+# - rows of a load stored `running` (live or dead) are those of its committed batches (the
+#   totals are written when a load finishes), and its duration ends at its last commit if dead;
+# - a load that succeeded with rejected rows: `finished-with-rejects`.
 RECENT_LOADS = """
-SELECT load_id, target_table, source, state, runs, rows_read, rows_loaded, rows_rejected,
-       started_at, finished_at, extract(epoch FROM coalesce(finished_at, now()) - started_at) AS seconds, message
-  FROM {schema}.loads
- WHERE $1::text IS NULL OR target_table = $1
- ORDER BY started_at DESC LIMIT $2
+WITH recent AS (
+    SELECT * FROM {schema}.loads
+     WHERE $1::text IS NULL OR target_table = $1
+     ORDER BY started_at DESC LIMIT $2
+), shown AS (
+    SELECT r.*, b.loaded, b.rejected, b.last_commit,
+           r.state = 'running' AND EXISTS (
+               SELECT FROM pg_locks k LEFT JOIN pg_stat_activity a ON a.pid = k.pid
+                WHERE k.locktype = 'advisory' AND k.granted AND k.objsubid = 1
+                  AND k.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                  AND ((k.classid::bigint << 32) | k.objid::bigint) = (
+                      SELECT hashtextextended('loader table ' || c.oid::text, 0)
+                        FROM parse_ident(r.target_table) AS name
+                        JOIN pg_namespace n ON n.nspname = name[1]
+                        JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = name[2]
+                       WHERE cardinality(name) = 2)
+                  AND (coalesce(a.application_name, '') !~ ' [0-9a-f]{{32}}$'
+                       OR right(a.application_name, 32) = r.load_id)
+           ) AS live
+      FROM recent r
+      LEFT JOIN LATERAL (
+          SELECT coalesce(sum(rows_loaded), 0)::bigint AS loaded, coalesce(sum(rows_rejected), 0)::bigint AS rejected,
+                 max(committed_at) AS last_commit
+            FROM {schema}.batches WHERE load_id = r.load_id AND r.state = 'running'
+      ) b ON true
+)
+SELECT load_id, target_table, source,
+       CASE WHEN state = 'running' AND NOT live THEN 'interrupted'
+            WHEN state = 'succeeded' AND rows_rejected > 0 THEN 'finished-with-rejects'
+            ELSE state END AS state,
+       runs,
+       CASE WHEN state = 'running' THEN loaded + rejected ELSE rows_read END AS rows_read,
+       CASE WHEN state = 'running' THEN loaded ELSE rows_loaded END AS rows_loaded,
+       CASE WHEN state = 'running' THEN rejected ELSE rows_rejected END AS rows_rejected,
+       started_at, finished_at,
+       extract(epoch FROM coalesce(finished_at, CASE WHEN live THEN now() ELSE greatest(last_commit, started_at) END)
+                          - started_at) AS seconds,
+       message
+  FROM shown
+ ORDER BY started_at DESC
 """
 
 # Claiming the batch's ledger row first, in the batch's transaction, is what makes a retry
