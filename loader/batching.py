@@ -16,10 +16,12 @@ from __future__ import annotations
 import bisect
 import collections
 import csv
+import dataclasses
 import hashlib
 import io
 import itertools
 import operator
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -31,6 +33,7 @@ READ_SIZE = 1 << 20
 SPARE_BUFFERS = 8
 MAX_RECORD_BYTES = 64 << 20
 _UTF8_BOM = b"\xef\xbb\xbf"
+_LINE_BREAK = re.compile(rb"[\r\n]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,9 +108,32 @@ def record_end_finder(dialect: CsvDialect) -> Callable[[list[bytes]], list[int]]
     return lambda lines: _ends_escaped(lines, quote, escape)
 
 
-def _lines_spanned(record: bytes) -> int:
-    """Physical lines a last record covers, whether or not it ends with a newline."""
-    return record.count(b"\n") + (0 if record.endswith(b"\n") else 1)
+def _lines_spanned(record: bytes, newline: bytes) -> int:
+    """Physical lines a last record covers, whether or not it ends with a line ending."""
+    return record.count(newline) + (0 if record.endswith(newline) else 1)
+
+
+def detect_newline(data: bytes, dialect: CsvDialect, complete: bool) -> str | None:
+    """What ends the records of `data` (which starts at a record start), by PostgreSQL's
+    rule for COPY: the first line break outside quotes decides; CR followed by LF is CRLF,
+    whose records end with LF too. None while `data` cannot tell yet (unless `complete`:
+    then LF)."""
+    quote, escape = dialect.quote.encode(), dialect.escape_char.encode()
+    pos = 0
+    while (found := _LINE_BREAK.search(data, pos)) is not None:
+        at = found.start()
+        if escape == quote:
+            quoted = data.count(quote, 0, at) % 2 == 1
+        else:
+            quoted = _still_quoted(data[:at], quote, escape, False)
+        if not quoted:
+            if data[at] == 0x0A:
+                return "\n"
+            if at + 1 < len(data):
+                return "\n" if data[at + 1] == 0x0A else "\r"
+            return "\r" if complete else None
+        pos = at + 1
+    return "\n" if complete else None
 
 
 class _Pending:
@@ -140,15 +166,24 @@ class Batcher:
     unless a single record is larger, at most `batch_bytes` bytes."""
 
     def __init__(
-        self, source: Source, dialect: CsvDialect, batch_rows: int, batch_bytes: int, read_size: int = READ_SIZE
+        self,
+        source: Source,
+        dialect: CsvDialect,
+        batch_rows: int,
+        batch_bytes: int,
+        read_size: int = READ_SIZE,
+        max_record_bytes: int = MAX_RECORD_BYTES,
     ) -> None:
         self._source = source
         self._read_size = read_size
+        self._max_record = max_record_bytes
+        self.dialect = dialect  # with the newline of the source once known (see _start)
         self._find_ends = record_end_finder(dialect)
         self._quote = dialect.quote.encode()
         # With doubled quotes (the default), record ends are found by quote parity alone.
         self._parity = dialect.escape_char == dialect.quote
-        self._not_quote_or_newline = bytes(b for b in range(256) if b not in (self._quote[0], 0x0A))
+        self._nl = b"\n"
+        self._not_quote_or_newline = b""
         self._strip_bom = dialect.python_encoding == "utf-8"
         self._batch_rows = batch_rows
         self._batch_bytes = batch_bytes
@@ -170,26 +205,48 @@ class Batcher:
         if isinstance(batch.data, bytearray):
             self._spare.append(batch.data)
 
-    def _start(self) -> None:
-        """Read the first bytes, dropping a UTF-8 byte order mark (its bytes still count in offsets)."""
+    def start(self) -> None:
+        """Read the first bytes, dropping a UTF-8 byte order mark (its bytes still count in
+        offsets), and as many as tell the source's line ending (see detect_newline)."""
         if self._started:
             return
         self._started = True
         first = b""
-        while len(first) < len(_UTF8_BOM):
+        while len(first) < len(_UTF8_BOM) and not self._eof:
             more = read_block(self._source, self._read_size)
-            if not more:
-                break
+            self._eof = not more
             first += more
         if self._strip_bom and first.startswith(_UTF8_BOM):
             first = first[len(_UTF8_BOM) :]
             self._offset = len(_UTF8_BOM)
-        self._tail = first
+        parts = [first]
+        size = len(first)
+        while (newline := detect_newline(b"".join(parts), self.dialect, self._eof or size > self._max_record)) is None:
+            more = read_block(self._source, max(self._read_size, size))
+            self._eof = not more
+            parts.append(more)
+            size += len(more)
+        self._tail = b"".join(parts)
+        self.dialect = dataclasses.replace(self.dialect, newline=newline)
+        self._nl = newline.encode()
+        self._not_quote_or_newline = bytes(b for b in range(256) if b not in (self._quote[0], self._nl[0]))
+
+    def _too_long(self, quote_open: bool) -> LoaderError:
+        limit = f"{self._max_record / (1 << 20):g} MiB" if self._max_record >= 1 << 20 else f"{self._max_record:,} bytes"
+        why = (
+            "a quote opened in it is never closed, or the file holds records that long"
+            if quote_open
+            else "no line ending comes within that many bytes"
+        )
+        return LoaderError(
+            f"{self._source.name}: the record starting at line {self._line} is longer than {limit} "
+            f"(--max-record-bytes): {why}; raise --max-record-bytes (up to 1 GiB) if its records are that long"
+        )
 
     def _scan(self) -> tuple[bytes, list[bytes], list[int]] | None:
         """Read one more block onto the tail; the data, its complete lines, and which end records.
         None once the source is exhausted and the tail has been scanned."""
-        self._start()
+        self.start()
         if self._eof:
             if self._tail_scanned:
                 return None
@@ -199,14 +256,11 @@ class Batcher:
             self._eof = not block
         data = self._tail + block if self._tail else block
         self._tail_scanned = True
-        lines = data.split(b"\n")
+        lines = data.split(self._nl)
         lines.pop()  # the unfinished last line stays in the tail
         ends = self._find_ends(lines)
-        if not ends and len(data) > MAX_RECORD_BYTES:
-            raise LoaderError(
-                f"{self._source.name}: the record starting at line {self._line} is longer than "
-                f"{MAX_RECORD_BYTES >> 20} MiB; is a quote left open?"
-            )
+        if not ends and len(data) > self._max_record:
+            raise self._too_long(quote_open=bool(lines))
         self._tail = data
         return data, lines, ends
 
@@ -220,13 +274,13 @@ class Batcher:
     def read_header(self) -> bytes | None:
         """Take the first record off the stream, without its line ending (None for an empty file)."""
         if self._parity:
-            self._start()
+            self.start()
             end = self._record_end_after(0, 0, 0)
             if end == 0:
                 return None
             record = self._tail[:end]
             self.header = record.rstrip(b"\r\n")
-            self._consume(self._tail, end, _lines_spanned(record))
+            self._consume(self._tail, end, _lines_spanned(record, self._nl))
             return self.header
         while (scanned := self._scan()) is not None:
             data, lines, ends = scanned
@@ -237,7 +291,7 @@ class Batcher:
                 return self.header
         if self._tail:
             self.header = self._tail.rstrip(b"\r\n")
-            self._consume(self._tail, len(self._tail), _lines_spanned(self._tail))
+            self._consume(self._tail, len(self._tail), _lines_spanned(self._tail, self._nl))
         return self.header
 
     # --- the parity path: whole batches cut with a few C-level calls each ---------------------
@@ -263,7 +317,7 @@ class Batcher:
         the source, the end of the data (a last record without a line ending)."""
         while True:
             buf = self._tail
-            newline = buf.find(b"\n", scanned)
+            newline = buf.find(self._nl, scanned)
             if newline >= 0:
                 quotes += buf.count(self._quote, scanned, newline)
                 scanned = newline + 1
@@ -272,11 +326,8 @@ class Batcher:
                 continue
             quotes += buf.count(self._quote, scanned)
             scanned = len(buf)
-            if len(buf) - start > MAX_RECORD_BYTES:
-                raise LoaderError(
-                    f"{self._source.name}: the record starting at line {self._line} is longer than "
-                    f"{MAX_RECORD_BYTES >> 20} MiB; is a quote left open?"
-                )
+            if len(buf) - start > self._max_record:
+                raise self._too_long(quote_open=quotes % 2 == 1)
             if not self._fill(len(buf) + self._read_size):
                 if len(self._tail) == scanned:
                     return scanned
@@ -299,15 +350,14 @@ class Batcher:
                 return newlines, records, index
         return 0, 0, -1
 
-    @staticmethod
-    def _newline_end(data: bytes, newlines: int, total: int) -> int:
-        """Offset just past the `newlines`-th newline of `data`, which holds `total` of them."""
+    def _newline_end(self, data: bytes, newlines: int, total: int) -> int:
+        """Offset just past the `newlines`-th line ending of `data`, which holds `total` of them."""
         if total - newlines <= 64:  # usually 0: count back from the end
             end = len(data)
             for _ in range(total - newlines + 1):
-                end = data.rfind(b"\n", 0, end)
+                end = data.rfind(self._nl, 0, end)
             return end + 1
-        pieces = data.split(b"\n", newlines)
+        pieces = data.split(self._nl, newlines)
         return sum(map(len, pieces[:newlines])) + newlines
 
     def _end_of_record(self, data: bytes, segments: list[bytes], k: int, total: int) -> tuple[int, int]:
@@ -371,16 +421,16 @@ class Batcher:
             if not extra:  # the rest of the source fits in one batch
                 end = len(buf)
                 newlines, rows, _ = self._last_outside(segments)
-                if newlines < total or not buf.endswith(b"\n"):
+                if newlines < total or not buf.endswith(self._nl):
                     rows += 1  # a last record without a line ending, or with a quote left open
-                lines = _lines_spanned(buf)
+                lines = _lines_spanned(buf, self._nl)
             else:
                 newlines, rows, index = self._last_outside(segments)
                 if index < 0:  # one record longer than --batch-bytes travels alone
                     self._tail = bytes(buf) + extra
                     end = self._record_end_after(0, 0, 0)  # reads on, replacing the tail
                     buf, extra = bytearray(self._tail[:end]), self._tail[end:]
-                    segments, total, rows, lines = [], 0, 1, _lines_spanned(buf)
+                    segments, total, rows, lines = [], 0, 1, _lines_spanned(buf, self._nl)
                 else:
                     end, lines = self._newline_end(buf, newlines, total), newlines
             if rows > self._batch_rows:
@@ -396,7 +446,7 @@ class Batcher:
             self._line += lines
 
     def __iter__(self) -> Iterator[Batch]:
-        self._start()
+        self.start()
         if self._parity:
             yield from self._iter_parity()
             return
@@ -436,7 +486,7 @@ class Batcher:
             if pending.rows and (pending.rows >= self._batch_rows or pending.bytes + len(self._tail) > self._batch_bytes):
                 number += 1
                 yield pending.take(number)
-            pending.add(self._tail, 1, _lines_spanned(self._tail))
+            pending.add(self._tail, 1, _lines_spanned(self._tail, self._nl))
             self._consume(self._tail, len(self._tail), 0)
         if pending.rows:
             number += 1

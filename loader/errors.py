@@ -2,6 +2,7 @@
 
     LoaderError           exit 1: the load could not finish
     ├── Interrupted       exit 1: stopped by SIGINT/SIGTERM; the next run resumes
+    ├── TableReplaced     exit 1: the target table was dropped or replaced under the load
     ├── UsageError        exit 2: a mistake in the command, the file or the target; nothing was loaded
     │   └── SourceChanged exit 2: the file is not what an earlier run of this load committed
     └── TryAgainLater     exit 75: not now (table locked by another load, deadline reached); resumable
@@ -53,6 +54,20 @@ class SourceChanged(UsageError):
 
 class Interrupted(LoaderError):
     """Stopped by a signal; committed batches stay, and the next run resumes."""
+
+
+class TableReplaced(LoaderError):
+    """The table's name no longer means the table the load planned (dropped, or dropped and
+    created again): no batch may go into another table than the one the load began with."""
+
+
+class MisreadRecords(Exception):
+    """PostgreSQL took another number of rows from a COPY than it was sent records: a line
+    holding only \\. (COPY's end-of-data marker until PostgreSQL 18), or a line break that
+    COPY reads otherwise than the file's own line ending. A data error like a refused row
+    (SQLSTATE 22P04, bad COPY file format): the rows go back, and the record is found."""
+
+    sqlstate = "22P04"
 
 
 # SQLSTATE classes (first two characters) and codes that a later attempt can cure:

@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from .batching import Batch, record_end_finder
-from .errors import is_data_error, server_message, sqlstate
+from .errors import MisreadRecords, is_data_error, server_message, sqlstate
 from .options import CsvDialect
 from .rejects import Reject
 
@@ -44,10 +44,11 @@ Run = tuple[int, int]  # records lo:hi
 class Records:
     """Records of a refused piece, as offsets into their bytes (no copy per record)."""
 
-    def __init__(self, data: bytes, offsets: list[int], lines: list[int]) -> None:
+    def __init__(self, data: bytes, offsets: list[int], lines: list[int], newline: bytes = b"\n") -> None:
         self.data = data
         self.offsets = offsets  # record i is data[offsets[i]:offsets[i + 1]]
         self.lines = lines  # the source line where record i starts
+        self.newline = newline  # what ends a record: LF (also for CRLF files) or CR
 
     def __len__(self) -> int:
         return len(self.lines)
@@ -60,7 +61,8 @@ class Records:
 
     def slice(self, lo: int, hi: int) -> Records:
         """Records lo:hi, with their own bytes."""
-        return Records(self.span(lo, hi), list(map((-self.offsets[lo]).__add__, self.offsets[lo : hi + 1])), self.lines[lo:hi])
+        offsets = list(map((-self.offsets[lo]).__add__, self.offsets[lo : hi + 1]))
+        return Records(self.span(lo, hi), offsets, self.lines[lo:hi], self.newline)
 
     def __add__(self, other: Records) -> Records:
         if not other.lines:
@@ -68,7 +70,7 @@ class Records:
         if not self.lines:
             return other
         offsets = [*self.offsets[:-1], *map(len(self.data).__add__, other.offsets)]
-        return Records(self.data + other.data, offsets, self.lines + other.lines)
+        return Records(self.data + other.data, offsets, self.lines + other.lines, self.newline)
 
     def join(self, runs: Sequence[Run]) -> bytes:
         """The bytes of the records of `runs`, in order: what one COPY of them sends."""
@@ -90,12 +92,14 @@ def split_records(data: bytes, first: int, dialect: CsvDialect) -> Records:
     """The records of `data` (which starts at a record start, on source line `first`), with the
     line each starts on. Every line starts a record unless the line before it ends inside a
     quoted field; all of it in C (split, accumulate, slices), no Python step per row."""
-    lines = data.split(b"\n")
-    lines.pop()  # after the last newline: empty, or a last record without a line ending
+    newline = dialect.newline.encode()
+    lines = data.split(newline)
+    lines.pop()  # after the last line ending: empty, or a last record without one
     line_starts = list(itertools.accumulate(map((1).__add__, map(len, lines)), initial=0))
     if dialect.escape_char == dialect.quote:
         # Keep the line starts but those after a line ending inside quotes: ranges lo[i]:hi[i].
-        cuts = [0, *itertools.chain.from_iterable(_quoted_lines(data, line_starts, dialect.quote.encode())), len(lines) + 1]
+        quoted = _quoted_lines(data, line_starts, dialect.quote.encode(), newline)
+        cuts = [0, *itertools.chain.from_iterable(quoted), len(lines) + 1]
         lo, hi = cuts[0::2], cuts[1::2]
         offsets = list(itertools.chain.from_iterable(map(line_starts.__getitem__, map(slice, lo, hi))))
         starts = list(itertools.chain.from_iterable(map(range, map(first.__add__, lo), map(first.__add__, hi))))
@@ -107,16 +111,16 @@ def split_records(data: bytes, first: int, dialect: CsvDialect) -> Records:
         offsets.append(len(data))
     else:
         starts.pop()
-    return Records(data, offsets, starts)
+    return Records(data, offsets, starts, newline)
 
 
-def _quoted_lines(data: bytes, line_starts: list[int], quote: bytes) -> Iterator[tuple[int, int]]:
+def _quoted_lines(data: bytes, line_starts: list[int], quote: bytes, newline: bytes) -> Iterator[tuple[int, int]]:
     """(a + 1, b + 1) for each quoted field holding a line break, from line a to line b, when
     quotes inside fields are doubled: lines a to b - 1 end inside it. Between the quotes of
     `data` (which starts at a record start), the odd stretches are quoted."""
     parts = data.split(quote)
     after = list(itertools.accumulate(map((1).__add__, map(len, parts))))  # after[i]: just past part i's quote
-    inside = itertools.compress(range(1, len(parts), 2), map(operator.contains, parts[1::2], itertools.repeat(b"\n")))
+    inside = itertools.compress(range(1, len(parts), 2), map(operator.contains, parts[1::2], itertools.repeat(newline)))
     for i in inside:
         a = bisect.bisect_right(line_starts, after[i - 1]) - 1
         b = bisect.bisect_right(line_starts, after[i] - 1) - 1 if i < len(parts) - 1 else len(line_starts) - 1
@@ -133,7 +137,8 @@ def find_copy_line(records: Records, lo: int, hi: int, reported: int) -> int | N
     data, offsets = records.data, records.offsets
     if reported == 1:
         return lo
-    if data.find(b"\r", offsets[lo], offsets[stop]) < 0 and data.endswith(b"\n", 0, offsets[stop]):
+    lf_only = records.newline == b"\n" and data.find(b"\r", offsets[lo], offsets[stop]) < 0
+    if lf_only and data.endswith(b"\n", 0, offsets[stop]):
         # LF endings only: the first record counts one line, each later one its LFs, so record
         # j's line is 1 + the LFs from record lo + 1 to j's end. Start from the last record
         # that can hold the line and step back over the quoted line breaks (usually none).
@@ -156,8 +161,8 @@ def _find_copy_line_counting(records: Records, lo: int, stop: int, reported: int
         ends_lf = data.endswith(b"\n")
         if eol_is_lf:
             line += data.count(b"\n") - (1 if ends_lf else 0)
-        else:
-            line += data.count(b"\r") - (1 if ends_crlf else 0)
+        else:  # CR counts, as long as the line ending is not known to be LF; the record's own does not
+            line += data.count(b"\r") - (1 if ends_crlf or data.endswith(b"\r") else 0)
         line += 1
         if line == reported:
             return i
@@ -170,11 +175,56 @@ def _find_copy_line_counting(records: Records, lo: int, stop: int, reported: int
 
 def _reject(records: Records, i: int, exc: BaseException) -> Reject:
     data = records.record(i)
-    data = data[:-2] if data.endswith(b"\r\n") else data[:-1] if data.endswith(b"\n") else data
+    if data.endswith(records.newline):
+        data = data[: -2 if records.newline == b"\n" and data.endswith(b"\r\n") else -1]
     return Reject(records.lines[i], sqlstate(exc) or "", server_message(exc), bytes(data))
 
 
-Copy = Callable[[bytes], Awaitable[int]]
+# Sends one COPY of the records in `data`, of which there are `records`: returns the rows
+# loaded, and raises MisreadRecords (in the savepoint, undone) when the server took another
+# number of rows, so that no record is ever counted as loaded but lost, or loaded twice.
+Copy = Callable[[bytes, int], Awaitable[int]]
+
+
+def holds_end_marker(data: bytes | bytearray, newline: bytes) -> bool:
+    """Whether `data` may hold a line of only \\. (COPY's end-of-data marker before
+    PostgreSQL 18, which ends the COPY there): a batch that does goes straight to isolation,
+    where the COPY's row count finds the line. In C (find), no step per row; an occurrence
+    inside a quoted field only costs that batch the fast path."""
+    at = data.find(b"\\.")
+    while at >= 0:
+        if at == 0 or data[at - 1] == newline[0]:
+            rest = bytes(data[at + 2 : at + 4])
+            if not rest or rest.startswith(newline) or rest in (b"\r", b"\r\n"):
+                return True
+        at = data.find(b"\\.", at + 2)
+    return False
+
+
+def misread_message(data: bytes, rows: int, records: int) -> str:
+    """Why a COPY took `rows` rows from `records` records."""
+    if records == 1 and data.rstrip(b"\r\n") == b"\\.":
+        return 'a line holding only \\. ends the data of a COPY, so PostgreSQL cannot load it (quote it: "\\.")'
+    return (
+        f"PostgreSQL read {rows} rows where the source holds {records} records: a line holding only \\. "
+        "ends the data of a COPY, and a line break other than the file's own line ending splits a record"
+    )
+
+
+@functools.cache
+def _not_quote_or_newline(quote: bytes, newline: bytes) -> bytes:
+    return bytes(b for b in range(256) if b not in (quote[0], newline[0]))
+
+
+def count_records(data: bytes, start: int, end: int, quote: bytes, newline: bytes) -> int:
+    """The records of data[start:end] (starting at a record start, quotes inside fields
+    doubled): the line endings outside quotes, and one more for a last record without one."""
+    if end <= start:
+        return 0
+    segments = data[start:end].translate(None, _not_quote_or_newline(quote, newline)).replace(quote + quote, b"").split(quote)
+    records = sum(map(len, segments[0::2]))
+    terminated = len(segments) % 2 == 1 and segments[-1].endswith(newline) and data.endswith(newline, start, end)
+    return records if terminated else records + 1
 
 
 @dataclass
@@ -216,7 +266,7 @@ async def isolate(
     data = batch.data  # only ever sliced (copied): nothing keeps it once the batch's buffer is reused
     if dialect.escape_char != dialect.quote:  # records cannot be cut by counting quotes
         return await _resolve(split_records(data, batch.first_line, dialect), copy, copy_line, first_error, rate)
-    quote = dialect.quote.encode()
+    quote, newline = dialect.quote.encode(), dialect.newline.encode()
     record_bytes = len(data) / max(1, batch.rows)
     loaded = 0
     rejects: list[Reject] = []
@@ -229,9 +279,10 @@ async def isolate(
             if rate.rows:
                 piece = rate.piece()
                 # As many known good records as a piece go alone, lest failures pile them up.
-                end = start if len(carry) >= piece else _record_end(data, start, start + int(piece * record_bytes), quote)
+                at = start + int(piece * record_bytes)
+                end = start if len(carry) >= piece else _record_end(data, start, at, quote, newline)
             try:
-                rows = await copy(carry.data + data[start:end])
+                rows = await copy(carry.data + data[start:end], len(carry) + count_records(data, start, end, quote, newline))
             except Exception as exc:
                 if not is_data_error(exc):
                     raise
@@ -240,7 +291,7 @@ async def isolate(
                 loaded += rows
                 rate.rows += rows - len(carry)
                 carry = NO_RECORDS
-                line += data.count(b"\n", start, end)
+                line += data.count(newline, start, end)
                 start = end
                 continue
         # The COPY of carry + data[start:end] failed with `error`.
@@ -250,7 +301,7 @@ async def isolate(
             loaded += piece_loaded
             rejects += piece_rejects
             carry, error = NO_RECORDS, None
-            line += data.count(b"\n", start, end)
+            line += data.count(newline, start, end)
             start = end
             continue
         reject = await _settle(view, bad, error, copy, rate)
@@ -264,7 +315,7 @@ async def isolate(
         else:
             consumed = view.offsets[bad + 1] - len(carry.data)  # bytes of data[start:] up to the bad record's end
             carry = view.slice(0, bad)
-            line += data.count(b"\n", start, start + consumed)
+            line += data.count(newline, start, start + consumed)
             start += consumed
         error = None
     return loaded, rejects
@@ -288,7 +339,7 @@ def _locate(
         return carry + split_records(data[start:end], line, dialect), None
     size = max(line_bytes, reported * line_bytes * 1.25 - len(carry.data))
     while True:
-        bound = _record_end(data, start, start + int(size), quote) if start + size < end else end
+        bound = _record_end(data, start, start + int(size), quote, dialect.newline.encode()) if start + size < end else end
         view = carry + split_records(data[start:bound], line, dialect)
         bad = find_copy_line(view, 0, len(view), reported)
         if bad is not None or bound >= end:
@@ -296,14 +347,14 @@ def _locate(
         size *= 2
 
 
-def _record_end(data: bytes, start: int, at: int, quote: bytes) -> int:
+def _record_end(data: bytes, start: int, at: int, quote: bytes, newline: bytes) -> int:
     """Where the first record that ends at or after byte `at` ends, records starting at
-    `start` and quotes inside fields doubled: at the first line break after `at` that an
+    `start` and quotes inside fields doubled: at the first line ending after `at` that an
     even number of quotes since `start` leaves outside quotes. The end of `data` if none."""
-    end = data.find(b"\n", at) if at < len(data) else -1
+    end = data.find(newline, at) if at < len(data) else -1
     odd = data.count(quote, start, end) & 1 if end >= 0 else 0
     while odd and end >= 0:
-        after = data.find(b"\n", end + 1)
+        after = data.find(newline, end + 1)
         odd ^= data.count(quote, end, after) & 1 if after >= 0 else 0
         end = after
     return len(data) if end < 0 else end + 1
@@ -341,7 +392,7 @@ async def _resolve(
                     unknown = 0
             sent, rest = _cut(pending, known + unknown)
             try:
-                loaded += await copy(records.join(sent))
+                loaded += await copy(records.join(sent), _size(sent))
             except Exception as exc:
                 if not is_data_error(exc):
                     raise
@@ -379,12 +430,13 @@ async def _settle(records: Records, bad: int, error: BaseException, copy: Copy, 
     differently is refused among others (22P04) but may load alone: it is tried alone first."""
     if len(records) > 1 and sqlstate(error) == COPY_FORMAT_ERROR:
         try:
-            await copy(records.record(bad))
+            await copy(records.record(bad), 1)
             return None
         except Exception as exc:
             if not is_data_error(exc):
                 raise
-            error = exc
+            if not isinstance(exc, MisreadRecords):  # the server's reason says more
+                error = exc
     rate.bad += 1
     return _reject(records, bad, error)
 

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -32,7 +33,7 @@ from . import sql
 from .batching import Batch, Batcher, parse_header
 from .errors import Interrupted, LoaderError, SourceChanged, TryAgainLater, UsageError, sqlstate
 from .ledger import Ledger, lock_table
-from .options import LoadOptions
+from .options import LoadOptions, check_writable
 from .rejects import Reject
 from .pressure import ReplicaLag, connection_budget, require_monitor
 from .report import RejectNote, Report
@@ -89,6 +90,10 @@ def _load_key(options: LoadOptions, source: Source, target: Target) -> str | Non
     else:
         identity = "file:" + os.path.realpath(source.name)
     return hashlib.sha256(f"{identity}\0{target.oid}".encode()).hexdigest()[:32]
+
+
+def _rejects_path(options: LoadOptions) -> Path:
+    return Path(options.rejects) if options.rejects else rejects_file.default_path(options.source)
 
 
 def _mtime(source: Source) -> float | None:
@@ -189,9 +194,12 @@ class _Load:
         self.on_retry = on_retry
         self.ledger = Ledger(options.ledger_schema)
         self.header: bytes | None = None
-        self.rejects_path = Path(options.rejects) if options.rejects else rejects_file.default_path(options.source)
+        self.rejects_path = _rejects_path(options)
         self.controller: ConcurrencyController | None = None
         self.gate: Gate | None = None
+        self.dialect = options.dialect  # with the source's line ending, once the batcher knows it
+        self.verified: asyncio.Future[None] | None = None  # a compressed source, read through whole
+        self.finished = False  # the ledger has the load's final state
 
     def original_line(self, line: int) -> int:
         lines = self.options.source_lines
@@ -261,6 +269,43 @@ class _Load:
         if plan.nothing_to_do:
             report.note = plan.nothing_to_do
             return
+        self.finished = plan.verify_only  # a finished load, only re-read: its state stays as it is
+        try:
+            await self._load(plan, target, columns, workers, batches, interrupt)
+        except BaseException as exc:
+            await self._close_unfinished(plan.load_id, exc)
+            raise
+
+    async def _close_unfinished(self, load_id: str, exc: BaseException) -> None:
+        """Whatever stopped the run, the ledger must not go on saying `running`: the next run
+        resumes either way, but `status` and the monitoring read this state."""
+        if self.finished:
+            return
+        stopped = isinstance(exc, (Interrupted, TryAgainLater, asyncio.CancelledError))
+        message = exc.message if isinstance(exc, LoaderError) else f"unexpected {type(exc).__name__}: {exc}"
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5):
+                conn = await self.session.get()
+                await self.ledger.finish(conn, load_id, "interrupted" if stopped else "failed", message)
+                self.finished = True
+
+    async def _before_commit(self, batch: Batch) -> None:
+        """The last word on each batch before it commits: its rows must come from the source's
+        real bytes. The file is still as it was opened, and a compressed one is whole."""
+        self.source.check_unchanged(f"lines {batch.first_line}-{batch.last_line}")
+        if self.verified is not None:
+            await asyncio.shield(self.verified)
+
+    async def _load(
+        self,
+        plan: _Plan,
+        target: Target,
+        columns: tuple[str, ...],
+        workers: int,
+        batches: _ReadAhead,
+        interrupt: asyncio.Event | None,
+    ) -> None:
+        options, report = self.options, self.report
         application_name = f"{options.application_name} {plan.load_id}"[:63]
         await self.session.name(application_name)
         report.workers = workers
@@ -275,7 +320,10 @@ class _Load:
         error: LoaderError | None = None
         try:
             pace = (TokenBucket(options.max_rate.amount), options.max_rate.unit) if options.max_rate else None
-            sink = Sink(pool, target, columns, options.dialect, self.ledger, plan.load_id, options.retry, self._on_batch_retry, pace)
+            sink = Sink(
+                pool, target, columns, self.dialect, self.ledger, plan.load_id, options.retry, self._on_batch_retry, pace,
+                before_commit=self._before_commit,
+            )
             self.streaming = True
             try:
                 await self._stream(batches, sink, plan, interrupt, workers)
@@ -304,6 +352,7 @@ class _Load:
             )
         state = "succeeded" if error is None else "interrupted" if isinstance(error, (Interrupted, TryAgainLater)) else "failed"
         await self.ledger.finish(conn, plan.load_id, state, error.message if error else None)
+        self.finished = True
         if error is not None:
             raise error
 
@@ -387,7 +436,7 @@ class _Load:
                         if done["checksum"] != batch.checksum:
                             halt(self._changed(plan, batch, "differ from what was loaded"))
                             return
-                        report.add_skipped(done["rows_loaded"], done["rows_rejected"])
+                        report.add_skipped(batch.rows, done["rows_loaded"], done["rows_rejected"])
                         batches.batcher.done(batch)
                         continue
                     if plan.verify_only:
@@ -425,7 +474,7 @@ class _Load:
                 await gate.resize(self.controller.record(time.monotonic() - started, batch.rows, saturated=saturated))
                 report.concurrency_now = gate.places
             notes = [RejectNote(self.original_line(r.line), r.sqlstate, r.message) for r in outcome.rejects]
-            report.add_batch(outcome.rows_loaded, outcome.rows_rejected, notes)
+            report.add_batch(batch.rows, outcome.rows_loaded, outcome.rows_rejected, notes)
             if not outcome.already:
                 self.loaded_now[batch.number] = (outcome.rows_loaded, outcome.rows_rejected)
             limit = options.max_errors
@@ -574,13 +623,18 @@ async def load(
     load cleanly: no new batch starts, in-flight ones finish, the load is marked interrupted.
     `on_start` receives the live report (for progress displays)."""
     started = time.monotonic()
+    check_writable(_rejects_path(options), "--rejects")  # found now, not after the load
     source = open_source(options.source)
     try:
-        batcher = Batcher(source, options.dialect, options.batch_rows, options.batch_bytes)
+        batcher = Batcher(
+            source, options.dialect, options.batch_rows, options.batch_bytes, max_record_bytes=options.max_record_bytes
+        )
         header_fields = None
         if options.dialect.header:
             record = await asyncio.to_thread(batcher.read_header)
             header_fields = parse_header(record, options.dialect, source.name) if record is not None else None
+        else:
+            await asyncio.to_thread(batcher.start)  # the line ending, before any batch is sent
         report = Report(source=source.name, table=options.table, load_id="", workers=options.workers)
         report.bytes_total = source.size
 
@@ -591,11 +645,15 @@ async def load(
         if on_start is not None:
             on_start(report)
         batches = _ReadAhead(batcher)  # reads while the load connects and plans
+        stop_verifying = threading.Event()
+        verified = asyncio.ensure_future(asyncio.to_thread(source.verify, stop_verifying)) if source.compressed else None
         try:
             session = _Session(options, await _unless_interrupted(connect(options, on_retry=on_retry), interrupt), on_retry)
             try:
                 run = _Load(options, source, session, report, on_retry)
                 run.header = batcher.header
+                run.dialect = batcher.dialect
+                run.verified = verified
                 await _unless_interrupted(run.run(batches, header_fields, interrupt), interrupt, until=lambda: run.streaming)
             except LoaderError as exc:
                 report.elapsed_s = time.monotonic() - started
@@ -605,6 +663,9 @@ async def load(
                 await session.close()
         finally:
             batches.cancel()
+            if verified is not None:
+                stop_verifying.set()
+                await asyncio.gather(verified, return_exceptions=True)
     finally:
         source.close()
     report.elapsed_s = time.monotonic() - started

@@ -48,16 +48,18 @@ class Report:
     def count_retry(self, _exc: BaseException) -> None:
         self.retries += 1
 
-    def add_batch(self, rows_loaded: int, rows_rejected: int, rejects: list[RejectNote]) -> None:
+    def add_batch(self, rows_read: int, rows_loaded: int, rows_rejected: int, rejects: list[RejectNote]) -> None:
+        """`rows_read` is the batcher's count of the batch's records, not the server's: the
+        check at the end (read = loaded + rejected + skipped) holds each against the other."""
         self.batches += 1
-        self.rows_read += rows_loaded + rows_rejected
+        self.rows_read += rows_read
         self.rows_loaded += rows_loaded
         self.rows_rejected += rows_rejected
         self.rejects.extend(rejects[: MAX_KEPT_REJECTS - len(self.rejects)])
 
-    def add_skipped(self, rows_loaded: int, rows_rejected: int) -> None:
+    def add_skipped(self, rows_read: int, rows_loaded: int, rows_rejected: int) -> None:
         """A batch an earlier run committed: read and checked again, not loaded again."""
-        self.rows_read += rows_loaded + rows_rejected
+        self.rows_read += rows_read
         self.rows_skipped += rows_loaded
         self.rows_rejected += rows_rejected
 

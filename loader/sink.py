@@ -6,6 +6,7 @@ table and its columns, checking the COPY options) become the loader's own errors
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -18,8 +19,17 @@ import asyncpg
 
 from . import sql
 from .batching import Batch
-from .errors import LoaderError, UsageError, is_data_error, is_transient, server_message, sqlstate
-from .isolate import ErrorRate, isolate
+from .errors import (
+    LoaderError,
+    MisreadRecords,
+    TableReplaced,
+    UsageError,
+    is_data_error,
+    is_transient,
+    server_message,
+    sqlstate,
+)
+from .isolate import ErrorRate, holds_end_marker, isolate, misread_message
 from .ledger import Ledger
 from .options import CsvDialect, LoadOptions, RetryPolicy
 from .rejects import Reject
@@ -157,6 +167,7 @@ class Target:
     schema: str
     name: str
     columns: tuple[str, ...]  # every column a COPY can write, in table order
+    relkind: str = "r"  # pg_class.relkind: r table, p partitioned table, f foreign table
 
     @property
     def display(self) -> str:
@@ -193,7 +204,7 @@ async def resolve_target(conn: asyncpg.Connection, table: str) -> Target:
     if row["relkind"] not in _WRITABLE_RELKINDS:
         raise UsageError(f"{table} is not a table; COPY can load only tables")
     columns = await conn.fetch(sql.TABLE_COLUMNS, row["oid"])
-    return Target(row["oid"], row["nspname"], row["relname"], tuple(r["attname"] for r in columns))
+    return Target(row["oid"], row["nspname"], row["relname"], tuple(r["attname"] for r in columns), row["relkind"])
 
 
 @dataclass(frozen=True)
@@ -273,6 +284,29 @@ async def check_copy(conn: asyncpg.Connection, target: Target, columns: Sequence
         raise UsageError(f"cannot load into {target.display}: {server_message(exc)}") from None
 
 
+@contextlib.asynccontextmanager
+async def _transaction(conn: asyncpg.Connection, begin: str) -> AsyncIterator[None]:
+    """One batch's transaction: committed when the block ends, rolled back when it raises
+    (where the connection still can; a broken one is dropped by the pool, and the server
+    rolls back what it had)."""
+    try:
+        await conn.execute(begin)
+        yield
+    except BaseException:
+        if not conn.is_closed() and conn.is_in_transaction():
+            with contextlib.suppress(Exception):
+                await conn.execute("ROLLBACK")
+        raise
+    await conn.execute("COMMIT")
+
+
+BeforeCommit = Callable[[Batch], Awaitable[None]]
+
+
+async def _nothing_before_commit(batch: Batch) -> None:
+    pass
+
+
 class Sink:
     """COPYs batches into the target, each in its own transaction with its ledger row."""
 
@@ -287,6 +321,7 @@ class Sink:
         retry: RetryPolicy,
         on_retry: Callable[[BaseException], None] | None = None,
         pace: tuple[TokenBucket, str] | None = None,
+        before_commit: BeforeCommit = _nothing_before_commit,
     ) -> None:
         self._pool = pool
         self.target = target
@@ -297,6 +332,9 @@ class Sink:
         self._retry = retry
         self._on_retry = on_retry
         self._pace = pace
+        self._before_commit = before_commit  # the last word on a batch: raising rolls it back
+        self._begin = sql.begin_batch(target.schema, target.name, lockable=target.relkind != "f")
+        self._newline = dialect.newline.encode()
         self._copy_statement = copy_statement(target, columns, dialect)
         self.copies = 0  # COPY statements sent, for the report and the fast-path test
         self._error_rate = ErrorRate()  # bad rows among those isolated so far: sizes the pieces
@@ -326,7 +364,8 @@ class Sink:
             async for attempt in retrying(self._retry, self._on_retry):
                 with attempt:
                     retries = attempt.retry_state.attempt_number - 1
-                    if refusal is None and not self._error_rate.doomed(batch.rows):
+                    fast = not self._error_rate.doomed(batch.rows) and not holds_end_marker(batch.data, self._newline)
+                    if refusal is None and fast:
                         try:
                             return dataclasses.replace(await self._load_fast(batch), retries=retries)
                         except Exception as exc:
@@ -336,6 +375,8 @@ class Sink:
                     return dataclasses.replace(await self._load_isolating(batch, refusal), retries=retries)
         except LoaderError:
             raise
+        except asyncpg.UndefinedTableError:  # the name no longer names a table
+            raise self._replaced(batch) from None
         except Exception as exc:
             where = f"lines {batch.first_line}-{batch.last_line}"
             if is_transient(exc):
@@ -346,9 +387,17 @@ class Sink:
             raise
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _replaced(self, batch: Batch) -> TableReplaced:
+        return TableReplaced(
+            f"{self.target.display} is no longer the table this load began with (it was dropped or replaced "
+            f"while loading): stopped before lines {batch.first_line}-{batch.last_line}; the batches committed "
+            "before went into the table as it was, and the next run loads into the table of that name as a new load"
+        )
+
     async def _claim(self, conn: asyncpg.Connection, batch: Batch) -> Outcome | None:
-        """Claim the batch's ledger row; an Outcome when an earlier attempt or run already did."""
-        claimed = await conn.fetchval(
+        """Claim the batch's ledger row; an Outcome when an earlier attempt or run already did.
+        Refuses to go on when the table's name has come to mean another table."""
+        row = await conn.fetchrow(
             self._ledger.claim_sql,
             self._load_id,
             batch.number,
@@ -357,52 +406,60 @@ class Sink:
             len(batch.data),
             batch.rows,
             batch.checksum,
+            self.target.display,
+            self.target.oid,
         )
-        if claimed:
+        if not row["same_table"]:
+            raise self._replaced(batch)
+        if row["claimed"]:
             return None
-        row = await self._ledger.committed(conn, self._load_id, batch.number)
-        return Outcome(row["rows_loaded"], row["rows_rejected"], [], already=True)
+        done = await self._ledger.committed(conn, self._load_id, batch.number)
+        return Outcome(done["rows_loaded"], done["rows_rejected"], [], already=True)
 
     async def _load_fast(self, batch: Batch) -> Outcome:
-        async with self._pool.acquire() as conn:
-            async with conn.transaction():
-                done = await self._claim(conn, batch)
-                if done is not None:
-                    return done
-                rows = await self._copy(conn, batch.data)
-                if rows != batch.rows:
-                    raise LoaderError(
-                        f"lines {batch.first_line}-{batch.last_line}: the server loaded {rows} rows where "
-                        f"the loader counted {batch.rows}; rolled back (is there a line \\. in the data?)"
-                    )
-                return Outcome(rows, 0, [])
+        async with self._pool.acquire() as conn, _transaction(conn, self._begin):
+            done = await self._claim(conn, batch)
+            if done is not None:
+                return done
+            rows = await self._copy(conn, batch.data)
+            if rows != batch.rows:  # the transaction rolls back, and the batch goes to isolation
+                raise MisreadRecords(misread_message(bytes(batch.data), rows, batch.rows))
+            await self._before_commit(batch)
+            return Outcome(rows, 0, [])
 
     async def _load_isolating(self, batch: Batch, refusal: BaseException | None) -> Outcome:
-        async with self._pool.acquire() as conn:
-            async with conn.transaction():
-                done = await self._claim(conn, batch)
-                if done is not None:
-                    return done
+        async with self._pool.acquire() as conn, _transaction(conn, self._begin):
+            done = await self._claim(conn, batch)
+            if done is not None:
+                return done
 
-                await conn.execute(sql.PIECE_SAVEPOINT)
-                before = ""  # the savepoint's move after the last piece, sent with the next one
+            await conn.execute(sql.PIECE_SAVEPOINT)
+            before = ""  # the savepoint's move after the last piece, sent with the next one
 
-                async def copy_in_savepoint(data: bytes) -> int:
-                    nonlocal before
-                    try:
-                        rows = await self._copy(conn, data, before)
-                    except Exception as exc:
-                        if is_data_error(exc):  # isolate goes on after it: undo just this piece
-                            before = sql.PIECE_UNDO + "; "
-                        raise
-                    before = sql.PIECE_KEEP + "; "
-                    return rows
+            async def copy_in_savepoint(data: bytes, records: int) -> int:
+                nonlocal before
+                try:
+                    rows = await self._copy(conn, data, before)
+                    if rows != records:
+                        raise MisreadRecords(misread_message(data, rows, records))
+                except Exception as exc:
+                    if is_data_error(exc):  # isolate goes on after it: undo just this piece
+                        before = sql.PIECE_UNDO + "; "
+                    raise
+                before = sql.PIECE_KEEP + "; "
+                return rows
 
-                loaded, rejects = await isolate(batch, self._dialect, copy_in_savepoint, copy_line, refusal, self._error_rate)
-                if before.startswith(sql.PIECE_UNDO):  # the last piece failed: out of the aborted state
-                    await conn.execute(sql.PIECE_UNDO)
-                await self._ledger.record_rejects(conn, self._load_id, batch.number, loaded, rejects)
-                return Outcome(loaded, len(rejects), rejects)
+            loaded, rejects = await isolate(batch, self._dialect, copy_in_savepoint, copy_line, refusal, self._error_rate)
+            if before.startswith(sql.PIECE_UNDO):  # the last piece failed: out of the aborted state
+                await conn.execute(sql.PIECE_UNDO)
+            if loaded + len(rejects) != batch.rows:
+                raise LoaderError(
+                    f"lines {batch.first_line}-{batch.last_line}: {loaded} rows loaded and {len(rejects)} rejected "
+                    f"of {batch.rows} records; rolled back (a bug: please report it)"
+                )
+            await self._ledger.record_rejects(conn, self._load_id, batch.number, loaded, rejects)
+            await self._before_commit(batch)
+            return Outcome(loaded, len(rejects), rejects)
 
 
 class _Rollback(Exception):

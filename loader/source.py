@@ -1,17 +1,28 @@
-"""Opening what the user named: a file, standard input, or either of them gzip-compressed."""
+"""Opening what the user named: a file, standard input, or either of them gzip-compressed.
+
+Rows may only be committed from the source's real bytes: a file that changes while it is
+read (appended to, cut short, rewritten) is noticed before each batch commits, and a gzip
+stream is checked whole (its CRC and length come only at its end) before any of its rows
+commit, in a thread of its own while the load runs.
+"""
 
 from __future__ import annotations
 
 import gzip
 import io
 import os
+import shutil
 import sys
+import tempfile
+import threading
+import zlib
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from .errors import LoaderError, UsageError
+from .errors import LoaderError, TryAgainLater, UsageError
 
 _GZIP_MAGIC = b"\x1f\x8b"
+_VERIFY_BLOCK = 1 << 20
 
 
 @dataclass
@@ -23,6 +34,9 @@ class Source:
     raw: BinaryIO  # the underlying file, for progress (bytes read of size)
     size: int | None  # on-disk size when it is a regular file
     compressed: bool
+    path: str | None = None  # what to read again to verify it (a spooled copy for gzip on stdin)
+    stat: tuple[int, int] | None = None  # (size, mtime in ns) when opened, for a regular file
+    spooled: bool = False  # `path` is our temporary copy, removed on close
 
     @property
     def is_stdin(self) -> bool:
@@ -30,15 +44,49 @@ class Source:
 
     def close(self) -> None:
         self.stream.close()
-        if self.raw is not self.stream and not self.is_stdin:
+        if self.raw is not self.stream and (self.spooled or not self.is_stdin):
             self.raw.close()
+        if self.spooled and self.path is not None:
+            os.unlink(self.path)
+
+    def check_unchanged(self, where: str) -> None:
+        """Raise TryAgainLater if the file is no longer as it was when opened (size or mtime):
+        rows read from a file being written or cut may be half records or miss some."""
+        if self.stat is None or self.spooled:
+            return
+        st = os.fstat(self.raw.fileno())
+        if (st.st_size, st.st_mtime_ns) == self.stat:
+            return
+        size = self.stat[0]
+        what = f"its size went from {size:,} to {st.st_size:,} bytes" if st.st_size != size else "it was modified"
+        raise TryAgainLater(
+            f"{self.name} changed while it was read ({what}): stopped without committing {where}; the batches "
+            "committed before came from the file as it was; run the same command again once the file is complete"
+        )
+
+    def verify(self, stop: threading.Event | None = None) -> None:
+        """Read a gzip source through once, on its own handle: raises UsageError if any member
+        is corrupt or cut short. Its rows must not commit before this returns. (Runs in a
+        thread: zlib lets go of the GIL. `stop` ends it early when the load ends first.)"""
+        if not self.compressed or self.path is None:
+            return
+        try:
+            with gzip.open(self.path, "rb") as stream:
+                while stream.read(_VERIFY_BLOCK) and not (stop is not None and stop.is_set()):
+                    pass
+        except (OSError, EOFError, zlib.error) as exc:
+            raise _corrupt(self, exc) from None
 
 
 def open_source(name: str) -> Source:
     """Open `name` for reading, detecting gzip by its magic bytes rather than its extension."""
     if name == "-":
         raw: BinaryIO = sys.stdin.buffer
+        if not hasattr(raw, "peek"):
+            raw = io.BufferedReader(raw)  # type: ignore[arg-type]
         size = None
+        if raw.peek(2)[:2] == _GZIP_MAGIC:  # type: ignore[attr-defined]
+            return _spooled(name, raw)
     else:
         try:
             raw = open(name, "rb")  # noqa: SIM115 - closed by Source.close
@@ -51,17 +99,38 @@ def open_source(name: str) -> Source:
         except OSError as exc:
             raise UsageError(f"{name}: cannot open ({exc.strerror})") from None
         st = os.fstat(raw.fileno())
-        size = st.st_size if (st.st_mode & 0o170000) == 0o100000 else None
+        regular = (st.st_mode & 0o170000) == 0o100000
+        size = st.st_size if regular else None
     peekable = raw if hasattr(raw, "peek") else io.BufferedReader(raw)  # type: ignore[arg-type]
     try:
         compressed = peekable.peek(2)[:2] == _GZIP_MAGIC
     except OSError as exc:
         raise UsageError(f"{name}: cannot read ({exc.strerror})") from None
     stream: BinaryIO = gzip.GzipFile(fileobj=peekable, mode="rb") if compressed else peekable  # type: ignore[assignment]
-    return Source(name=name, stream=stream, raw=peekable, size=size, compressed=compressed)
+    if name == "-":
+        return Source(name=name, stream=stream, raw=peekable, size=None, compressed=compressed)
+    return Source(
+        name=name, stream=stream, raw=peekable, size=size, compressed=compressed, path=name,
+        stat=(st.st_size, st.st_mtime_ns) if regular else None,
+    )
 
 
-_READ_ERRORS = (OSError, EOFError, gzip.BadGzipFile)
+def _spooled(name: str, stdin: BinaryIO) -> Source:
+    """Gzip on standard input, copied (compressed) to a temporary file first: the stream must
+    be verified whole before its rows commit, and stdin cannot be read twice."""
+    fd, path = tempfile.mkstemp(prefix="loader-stdin-", suffix=".gz")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(stdin, out, _VERIFY_BLOCK)
+        raw = open(path, "rb")  # noqa: SIM115 - closed by Source.close
+    except BaseException:
+        os.unlink(path)
+        raise
+    stream: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[assignment]
+    return Source(name=name, stream=stream, raw=raw, size=None, compressed=True, path=path, spooled=True)
+
+
+_READ_ERRORS = (OSError, EOFError, gzip.BadGzipFile, zlib.error)
 
 
 def read_block(source: Source, size: int) -> bytes:
@@ -81,5 +150,13 @@ def read_into(source: Source, buffer: memoryview) -> int:
 
 
 def _cannot_read(source: Source, exc: BaseException) -> LoaderError:
+    if source.compressed and isinstance(exc, (gzip.BadGzipFile, EOFError, zlib.error)):
+        return _corrupt(source, exc)
     reason = getattr(exc, "strerror", None) or str(exc)
     return LoaderError(f"{source.name}: cannot read ({reason})")
+
+
+def _corrupt(source: Source, exc: BaseException) -> UsageError:
+    """No row of a compressed source commits before the whole stream is verified (Source.verify)."""
+    reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return UsageError(f"{source.name}: corrupt gzip data ({reason}); no row of it was committed")

@@ -188,11 +188,17 @@ SELECT load_id, target_table, source,
 # Claiming the batch's ledger row first, in the batch's transaction, is what makes a retry
 # safe: if an earlier attempt committed, the row exists and nothing is inserted; if that
 # attempt's transaction is still open on the server, this insert waits for its outcome.
+# It also checks that the table's name ($8) still means the table the load planned ($9):
+# COPY goes by name, and the batch's BEGIN locked whatever the name meant (see begin_batch).
 CLAIM_BATCH = """
-INSERT INTO {schema}.batches (load_id, batch_no, first_line, byte_offset, byte_length, rows_loaded, checksum)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
-ON CONFLICT (load_id, batch_no) DO NOTHING
-RETURNING true
+WITH claimed AS (
+    INSERT INTO {schema}.batches (load_id, batch_no, first_line, byte_offset, byte_length, rows_loaded, checksum)
+    SELECT $1::text, $2::integer, $3::bigint, $4::bigint, $5::bigint, $6::bigint, $7::text
+     WHERE to_regclass($8::text)::oid = $9::oid
+    ON CONFLICT (load_id, batch_no) DO NOTHING
+    RETURNING true
+)
+SELECT coalesce(to_regclass($8::text)::oid = $9::oid, false) AS same_table, EXISTS (SELECT FROM claimed) AS claimed
 """
 
 COMMITTED_BATCH = """
@@ -244,6 +250,17 @@ SET_APPLICATION_NAME = "SELECT set_config('application_name', $1, false)"
 
 
 # --- COPY ----------------------------------------------------------------------------------
+
+
+def begin_batch(schema: str, table: str, lockable: bool) -> str:
+    """A batch's BEGIN, which also locks the target by name as its COPY will (ROW EXCLUSIVE,
+    only the named table, not each partition): until the batch commits the name cannot move
+    to another table, so the claim's check that it is the planned one holds for the COPY.
+    (LOCK TABLE refuses foreign tables: for them the claim's check alone.)"""
+    if not lockable:
+        return "BEGIN"
+    return f"BEGIN; LOCK TABLE ONLY {qualified(schema, table)} IN ROW EXCLUSIVE MODE"
+
 
 
 def copy_from_stdin(schema: str, table: str, columns: Sequence[str], options: Mapping[str, str]) -> str:

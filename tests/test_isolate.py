@@ -50,4 +50,4 @@ def test_a_piece_cut_by_bytes_ends_at_the_first_record_end_past_its_size(
     body = b"\n".join(records) + (b"\n" if last_ended else b"")
     ends = split_records(body, 2, CsvDialect()).offsets[1:]
     at = data.draw(st.integers(1, len(body) + 5))
-    assert _record_end(body, 0, at, b'"') == min([end for end in ends if end > at], default=len(body))
+    assert _record_end(body, 0, at, b'"', b"\n") == min([end for end in ends if end > at], default=len(body))
