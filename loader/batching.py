@@ -1,11 +1,9 @@
 """Cutting a CSV byte stream into batches of whole records, without parsing rows.
 
-A newline ends a record unless it lies inside a quoted field. With the default escape
-(a doubled quote), a newline is inside quotes exactly when an odd number of quote
-characters precede it in its record, so each line's quote count decides, and that
-counting runs in C (bytes.split, bytes.count, itertools): Python code runs per block
-and per batch, never per byte. A custom --escape needs a small scan of the lines that
-hold quotes; that path is slower, and only taken when asked for.
+This module reads and buffers; where a record ends is `records`' knowledge. With doubled
+quotes (the default) a whole candidate batch is cut with a few C-level calls; a custom
+--escape takes the line-by-line path. Batch bytes are read straight into buffers that a
+`BufferPool` lends again once a batch is done.
 
 Every batch carries where it came from (first line, lines, rows, byte offset), which
 the error messages, the rejects file and the ledger use.
@@ -20,20 +18,18 @@ import dataclasses
 import hashlib
 import io
 import itertools
-import operator
-import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .errors import LoaderError, UsageError
 from .options import CsvDialect
+from .records import RecordSyntax
 from .source import Source, read_block, read_into
 
 READ_SIZE = 1 << 20
 SPARE_BUFFERS = 8
 MAX_RECORD_BYTES = 64 << 20
 _UTF8_BOM = b"\xef\xbb\xbf"
-_LINE_BREAK = re.compile(rb"[\r\n]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,89 +47,6 @@ class Batch:
     @property
     def last_line(self) -> int:
         return self.first_line + self.lines - 1
-
-
-def _ends_doubled_quote(lines: list[bytes], quote: bytes) -> list[int]:
-    """Indices of the lines that end a record, when quotes inside fields are doubled."""
-    odd = map(operator.and_, map(bytes.count, lines, itertools.repeat(quote)), itertools.repeat(1))
-    in_quote = itertools.accumulate(odd, operator.xor)
-    return list(itertools.compress(itertools.count(), map(operator.not_, in_quote)))
-
-
-def _still_quoted(line: bytes, quote: bytes, escape: bytes, in_quote: bool) -> bool:
-    """Whether a quoted field is open at the end of `line`, as PostgreSQL's CSV reader sees it:
-    inside quotes an odd run of escape characters makes the next quote literal."""
-    pos = 0
-    while True:
-        if not in_quote:
-            pos = line.find(quote, pos)
-            if pos < 0:
-                return False
-            in_quote, pos = True, pos + 1
-            continue
-        q = line.find(quote, pos)
-        if q < 0:
-            return True
-        e = line.find(escape, pos, q)
-        if e < 0:
-            in_quote, pos = False, q + 1
-            continue
-        run_end = e
-        while line[run_end : run_end + 1] == escape:
-            run_end += 1
-        if run_end == q and (run_end - e) % 2 == 1:
-            pos = q + 1  # an escaped quote: still inside
-        else:
-            pos = run_end
-
-
-def _ends_escaped(lines: list[bytes], quote: bytes, escape: bytes) -> list[int]:
-    """Indices of the lines that end a record, for a custom escape character."""
-    ends: list[int] = []
-    in_quote = False
-    for i, line in enumerate(lines):
-        if in_quote or quote in line:
-            in_quote = _still_quoted(line, quote, escape, in_quote)
-        if not in_quote:
-            ends.append(i)
-    return ends
-
-
-def record_end_finder(dialect: CsvDialect) -> Callable[[list[bytes]], list[int]]:
-    """The function that, given lines starting at a record start, lists the lines ending a record."""
-    quote = dialect.quote.encode()
-    escape = dialect.escape_char.encode()
-    if escape == quote:
-        return lambda lines: _ends_doubled_quote(lines, quote)
-    return lambda lines: _ends_escaped(lines, quote, escape)
-
-
-def _lines_spanned(record: bytes, newline: bytes) -> int:
-    """Physical lines a last record covers, whether or not it ends with a line ending."""
-    return record.count(newline) + (0 if record.endswith(newline) else 1)
-
-
-def detect_newline(data: bytes, dialect: CsvDialect, complete: bool) -> str | None:
-    """What ends the records of `data` (which starts at a record start), by PostgreSQL's
-    rule for COPY: the first line break outside quotes decides; CR followed by LF is CRLF,
-    whose records end with LF too. None while `data` cannot tell yet (unless `complete`:
-    then LF)."""
-    quote, escape = dialect.quote.encode(), dialect.escape_char.encode()
-    pos = 0
-    while (found := _LINE_BREAK.search(data, pos)) is not None:
-        at = found.start()
-        if escape == quote:
-            quoted = data.count(quote, 0, at) % 2 == 1
-        else:
-            quoted = _still_quoted(data[:at], quote, escape, False)
-        if not quoted:
-            if data[at] == 0x0A:
-                return "\n"
-            if at + 1 < len(data):
-                return "\n" if data[at + 1] == 0x0A else "\r"
-            return "\r" if complete else None
-        pos = at + 1
-    return "\n" if complete else None
 
 
 class _Pending:
@@ -161,6 +74,36 @@ class _Pending:
         return batch
 
 
+class BufferPool:
+    """Buffers of finished batches, lent to later ones.
+
+    A fresh buffer costs a memset and a page fault per 4 KiB, all while holding the GIL,
+    just when the event loop has a batch's round trips to make; a reused one costs nothing.
+    `give_back` runs on the event loop and `take` in the reader thread: deque's append and
+    pop are atomic."""
+
+    def __init__(self, keep: int = SPARE_BUFFERS) -> None:
+        self._spare: collections.deque[bytearray] = collections.deque(maxlen=keep)
+
+    def give_back(self, batch: Batch) -> None:
+        """The batch's bytes will not be read again: its buffer may hold a later batch."""
+        if isinstance(batch.data, bytearray):
+            self._spare.append(batch.data)
+
+    def take(self, size: int) -> bytearray:
+        """A buffer of `size` bytes: a spare one grown back (within its allocation: no copy)."""
+        while self._spare:
+            buf = self._spare.pop()
+            if len(buf) > size:  # held a record longer than --batch-bytes
+                continue
+            try:
+                buf[len(buf) :] = bytes(size - len(buf))
+                return buf
+            except BufferError:  # still viewed somewhere: leave it
+                continue
+        return bytearray(size)
+
+
 class Batcher:
     """Reads a source block by block and yields batches of at most `batch_rows` records and,
     unless a single record is larger, at most `batch_bytes` bytes."""
@@ -177,13 +120,10 @@ class Batcher:
         self._source = source
         self._read_size = read_size
         self._max_record = max_record_bytes
-        self.dialect = dialect  # with the newline of the source once known (see _start)
-        self._find_ends = record_end_finder(dialect)
-        self._quote = dialect.quote.encode()
-        # With doubled quotes (the default), record ends are found by quote parity alone.
-        self._parity = dialect.escape_char == dialect.quote
-        self._nl = b"\n"
-        self._not_quote_or_newline = b""
+        self.dialect = dialect  # with the newline of the source once known (see start)
+        self._syntax = RecordSyntax.of(dialect)  # likewise
+        # With doubled quotes (the default), whole batches are cut by quote parity.
+        self._parity = self._syntax.parity
         self._strip_bom = dialect.python_encoding == "utf-8"
         self._batch_rows = batch_rows
         self._batch_bytes = batch_bytes
@@ -193,21 +133,12 @@ class Batcher:
         self._started = False
         self._eof = False
         self._tail_scanned = False  # whether the tail, as it is, was scanned for record ends
-        self._spare: collections.deque[bytearray] = collections.deque(maxlen=SPARE_BUFFERS)
+        self.buffers = BufferPool()  # give each batch back once its bytes are no longer read
         self.header: bytes | None = None
-
-    def done(self, batch: Batch) -> None:
-        """The batch's bytes will not be read again: its buffer may hold a later batch.
-
-        A fresh buffer costs a memset and a page fault per 4 KiB, all while holding the GIL,
-        just when the event loop has a batch's round trips to make; a reused one costs nothing.
-        (deque's append and pop are atomic: this runs on the event loop, the reader in a thread.)"""
-        if isinstance(batch.data, bytearray):
-            self._spare.append(batch.data)
 
     def start(self) -> None:
         """Read the first bytes, dropping a UTF-8 byte order mark (its bytes still count in
-        offsets), and as many as tell the source's line ending (see detect_newline)."""
+        offsets), and as many as tell the source's line ending (see RecordSyntax.detect_newline)."""
         if self._started:
             return
         self._started = True
@@ -221,15 +152,14 @@ class Batcher:
             self._offset = len(_UTF8_BOM)
         parts = [first]
         size = len(first)
-        while (newline := detect_newline(b"".join(parts), self.dialect, self._eof or size > self._max_record)) is None:
+        while (newline := self._syntax.detect_newline(b"".join(parts), self._eof or size > self._max_record)) is None:
             more = read_block(self._source, max(self._read_size, size))
             self._eof = not more
             parts.append(more)
             size += len(more)
         self._tail = b"".join(parts)
         self.dialect = dataclasses.replace(self.dialect, newline=newline)
-        self._nl = newline.encode()
-        self._not_quote_or_newline = bytes(b for b in range(256) if b not in (self._quote[0], self._nl[0]))
+        self._syntax = RecordSyntax.of(self.dialect)
 
     def _too_long(self, quote_open: bool) -> LoaderError:
         limit = f"{self._max_record / (1 << 20):g} MiB" if self._max_record >= 1 << 20 else f"{self._max_record:,} bytes"
@@ -256,9 +186,9 @@ class Batcher:
             self._eof = not block
         data = self._tail + block if self._tail else block
         self._tail_scanned = True
-        lines = data.split(self._nl)
+        lines = data.split(self._syntax.newline)
         lines.pop()  # the unfinished last line stays in the tail
-        ends = self._find_ends(lines)
+        ends = self._syntax.line_ends(lines)
         if not ends and len(data) > self._max_record:
             raise self._too_long(quote_open=bool(lines))
         self._tail = data
@@ -275,12 +205,12 @@ class Batcher:
         """Take the first record off the stream, without its line ending (None for an empty file)."""
         if self._parity:
             self.start()
-            end = self._record_end_after(0, 0, 0)
+            end = self._first_record_end()
             if end == 0:
                 return None
             record = self._tail[:end]
             self.header = record.rstrip(b"\r\n")
-            self._consume(self._tail, end, _lines_spanned(record, self._nl))
+            self._consume(self._tail, end, self._syntax.lines_spanned(record))
             return self.header
         while (scanned := self._scan()) is not None:
             data, lines, ends = scanned
@@ -291,7 +221,7 @@ class Batcher:
                 return self.header
         if self._tail:
             self.header = self._tail.rstrip(b"\r\n")
-            self._consume(self._tail, len(self._tail), _lines_spanned(self._tail, self._nl))
+            self._consume(self._tail, len(self._tail), self._syntax.lines_spanned(self._tail))
         return self.header
 
     # --- the parity path: whole batches cut with a few C-level calls each ---------------------
@@ -311,67 +241,20 @@ class Batcher:
             self._tail = b"".join(parts)
         return have >= wanted
 
-    def _record_end_after(self, start: int, scanned: int, quotes: int) -> int:
-        """The end (just past the newline) of the first record ending at or after `scanned`, given
-        that `quotes` quote characters lie in tail[start:scanned]; reads on as needed. At the end of
-        the source, the end of the data (a last record without a line ending)."""
+    def _first_record_end(self) -> int:
+        """The end (just past the newline) of the tail's first record, reading on as needed. At
+        the end of the source, the end of the data (a last record without a line ending)."""
+        scanned, odd = 0, 0
         while True:
-            buf = self._tail
-            newline = buf.find(self._nl, scanned)
-            if newline >= 0:
-                quotes += buf.count(self._quote, scanned, newline)
-                scanned = newline + 1
-                if quotes % 2 == 0:
-                    return scanned
-                continue
-            quotes += buf.count(self._quote, scanned)
-            scanned = len(buf)
-            if len(buf) - start > self._max_record:
-                raise self._too_long(quote_open=quotes % 2 == 1)
-            if not self._fill(len(buf) + self._read_size):
+            end, odd = self._syntax.scan_record_end(self._tail, scanned, odd)
+            if end >= 0:
+                return end
+            scanned = len(self._tail)
+            if scanned > self._max_record:
+                raise self._too_long(quote_open=odd == 1)
+            if not self._fill(scanned + self._read_size):
                 if len(self._tail) == scanned:
                     return scanned
-
-    def _segments(self, data: bytes) -> list[bytes]:
-        """`data` (starting at a record start) stripped to its quotes and newlines, adjacent quote
-        pairs dropped (they do not change whether a newline is quoted), split at the quotes left:
-        the even segments are outside quotes, the odd ones inside, and each is only newlines."""
-        quote = self._quote
-        return data.translate(None, self._not_quote_or_newline).replace(quote + quote, b"").split(quote)
-
-    @staticmethod
-    def _last_outside(segments: list[bytes]) -> tuple[int, int, int]:
-        """(newlines up to the last newline outside quotes, records they end, the segment's index);
-        (0, 0, -1) when no newline is outside quotes."""
-        for index in range(len(segments) - 1 - (len(segments) - 1) % 2, -1, -2):
-            if segments[index]:
-                newlines = sum(map(len, segments[: index + 1]))
-                records = sum(map(len, segments[0 : index + 1 : 2]))
-                return newlines, records, index
-        return 0, 0, -1
-
-    def _newline_end(self, data: bytes, newlines: int, total: int) -> int:
-        """Offset just past the `newlines`-th line ending of `data`, which holds `total` of them."""
-        if total - newlines <= 64:  # usually 0: count back from the end
-            end = len(data)
-            for _ in range(total - newlines + 1):
-                end = data.rfind(self._nl, 0, end)
-            return end + 1
-        pieces = data.split(self._nl, newlines)
-        return sum(map(len, pieces[:newlines])) + newlines
-
-    def _end_of_record(self, data: bytes, segments: list[bytes], k: int, total: int) -> tuple[int, int]:
-        """(offset just past the k-th record's newline, newlines up to there); `data` holds `total`
-        newlines (`segments` may describe more bytes than `data`)."""
-        remaining, newlines = k, 0
-        for i, segment in enumerate(segments):
-            if i % 2 == 0 and remaining <= len(segment):
-                newlines += remaining
-                break
-            if i % 2 == 0:
-                remaining -= len(segment)
-            newlines += len(segment)
-        return self._newline_end(data, newlines, total), newlines
 
     def _next_buffer(self) -> tuple[bytearray, bytes]:
         """The tail and fresh bytes, up to `batch_bytes`, read straight into a buffer of their
@@ -381,7 +264,7 @@ class Batcher:
         tail = self._tail
         if len(tail) >= size:  # left over from a record longer than --batch-bytes
             return bytearray(tail[: size - 1]), tail[size - 1 :]
-        buf = self._buffer(size)
+        buf = self.buffers.take(size)
         buf[: len(tail)] = tail
         filled = len(tail)
         with memoryview(buf) as view:
@@ -397,44 +280,31 @@ class Batcher:
         del buf[-1:]
         return buf, extra
 
-    def _buffer(self, size: int) -> bytearray:
-        """A buffer of `size` bytes: a spare one grown back (within its allocation: no copy)."""
-        while self._spare:
-            buf = self._spare.pop()
-            if len(buf) > size:  # held a record longer than --batch-bytes
-                continue
-            try:
-                buf[len(buf) :] = bytes(size - len(buf))
-                return buf
-            except BufferError:  # still viewed somewhere: leave it
-                continue
-        return bytearray(size)
-
     def _iter_parity(self) -> Iterator[Batch]:
+        """Whole batches, each cut with a few C-level calls on its buffer (see RecordSyntax)."""
+        syntax = self._syntax
         number = 0
         while True:
             buf, extra = self._next_buffer()
             if not buf:
                 return
-            segments = self._segments(buf)
+            segments = syntax.segments(buf)
             total = sum(map(len, segments))  # newlines in buf
             if not extra:  # the rest of the source fits in one batch
                 end = len(buf)
-                newlines, rows, _ = self._last_outside(segments)
-                if newlines < total or not buf.endswith(self._nl):
-                    rows += 1  # a last record without a line ending, or with a quote left open
-                lines = _lines_spanned(buf, self._nl)
+                rows = syntax.records(segments, buf)
+                lines = syntax.lines_spanned(buf)
             else:
-                newlines, rows, index = self._last_outside(segments)
+                newlines, rows, index = syntax.last_outside(segments)
                 if index < 0:  # one record longer than --batch-bytes travels alone
                     self._tail = bytes(buf) + extra
-                    end = self._record_end_after(0, 0, 0)  # reads on, replacing the tail
+                    end = self._first_record_end()  # reads on, replacing the tail
                     buf, extra = bytearray(self._tail[:end]), self._tail[end:]
-                    segments, total, rows, lines = [], 0, 1, _lines_spanned(buf, self._nl)
+                    segments, total, rows, lines = [], 0, 1, syntax.lines_spanned(buf)
                 else:
-                    end, lines = self._newline_end(buf, newlines, total), newlines
+                    end, lines = syntax.newline_end(buf, newlines, total), newlines
             if rows > self._batch_rows:
-                end, lines = self._end_of_record(buf, segments, self._batch_rows, total)
+                end, lines = syntax.end_of_record(buf, segments, self._batch_rows, total)
                 rows = self._batch_rows
             if end < len(buf):
                 extra = bytes(buf[end:]) + extra
@@ -486,7 +356,7 @@ class Batcher:
             if pending.rows and (pending.rows >= self._batch_rows or pending.bytes + len(self._tail) > self._batch_bytes):
                 number += 1
                 yield pending.take(number)
-            pending.add(self._tail, 1, _lines_spanned(self._tail, self._nl))
+            pending.add(self._tail, 1, self._syntax.lines_spanned(self._tail))
             self._consume(self._tail, len(self._tail), 0)
         if pending.rows:
             number += 1

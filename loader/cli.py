@@ -1,7 +1,8 @@
 """The command line: parse options into frozen objects, run the library, map errors to exit codes.
 
 No SQL and no asyncpg here; every failure the user can cause reaches this edge as a
-LoaderError and leaves as one line on stderr.
+LoaderError and leaves as one line on stderr. What the command line says (summary, warnings,
+errors) goes through `logging`, as the library's messages do (see _setup_logging).
 """
 
 from __future__ import annotations
@@ -9,14 +10,16 @@ from __future__ import annotations
 import asyncio
 import csv
 import ctypes
+import dataclasses
+import inspect
 import json
 import logging
 import os
 import signal
 import sys
 import time
+import typing
 from collections.abc import Callable, Coroutine
-from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 from typing import Annotated, Any, NoReturn, Optional
@@ -29,9 +32,12 @@ from .errors import EXIT_FATAL, EXIT_USAGE, LoaderError, UsageError
 from .options import (
     DEFAULT_BATCH_BYTES,
     DEFAULT_BATCH_ROWS,
+    DEFAULT_LOG_INTERVAL,
     DEFAULT_MAX_RECORD_BYTES,
+    DEFAULT_MAX_WORKERS,
     DEFAULT_RETRIES,
     DEFAULT_WORKERS,
+    ConnectOptions,
     CsvDialect,
     LoadOptions,
     RetryPolicy,
@@ -71,45 +77,89 @@ def _split_columns(value: str | None) -> tuple[str, ...] | None:
     return tuple(next(csv.reader([value]), []))
 
 
-def _option(*names: str, help: str, env: str, **kwargs: Any) -> Any:
+def _option(*names: str, help: str, env: str | tuple[str, ...], **kwargs: Any) -> Any:
     """An option that can also come from the environment (LOADER_...), shown in --help."""
-    return typer.Option(*names, help=help, envvar=f"LOADER_{env}", show_envvar=True, **kwargs)
+    envvar = [f"LOADER_{e}" for e in ((env,) if isinstance(env, str) else env)]
+    return typer.Option(*names, help=help, envvar=envvar, show_envvar=True, **kwargs)
 
 
-# Options shared by `import` and `retry-rejects`, defined once.
-Table = Annotated[str, _option("--table", "-t", help='Target table as in SQL: schema.table, "Quoted Names" keep their case.', env="TABLE", show_default=False)]
+# Options `status` shares with the loading commands.
 Dsn = Annotated[Optional[str], _option("--dsn", help="PostgreSQL URL. Default: $DATABASE_URL, then libpq's PG* variables and ~/.pgpass. Keep passwords out of it: use ~/.pgpass or PGPASSWORD.", env="DSN", show_default=False)]
-Header = Annotated[bool, _option("--header/--no-header", help="The first record names the columns.", env="HEADER")]
-Columns = Annotated[Optional[str], _option("--columns", help="Target columns in file order, comma-separated. Default: the header's names, or with --no-header the table's columns.", env="COLUMNS", show_default=False)]
-Delimiter = Annotated[str, _option("--delimiter", help="Field delimiter.", env="DELIMITER")]
-Quote = Annotated[str, _option("--quote", help="Quote character.", env="QUOTE")]
-Escape = Annotated[Optional[str], _option("--escape", help="Escape character inside quotes. Default: the quote (doubled quotes).", env="ESCAPE", show_default=False)]
-Null = Annotated[str, _option("--null", help="Unquoted text that means NULL. Default: an unquoted empty field.", env="NULL", show_default=False)]
-Encoding = Annotated[str, _option("--encoding", help="Encoding of the file.", env="ENCODING")]
-Workers = Annotated[str, _option("--workers", "-w", help="Connections, and batches loading at once; or auto: adapt between 1 and --max-workers to what the server takes. Lowered to the connections the server can spare.", env="WORKERS")]
-MaxWorkers = Annotated[int, _option("--max-workers", help="The most batches in flight with --workers auto.", env="MAX_WORKERS")]
-BatchSize = Annotated[int, _option("--batch-size", help="Rows per batch (each batch is one transaction).", env="BATCH_SIZE")]
-BatchBytes = Annotated[int, _option("--batch-bytes", help="Bytes per batch at most; a batch ends at whichever limit comes first.", env="BATCH_BYTES")]
-MaxRecordBytes = Annotated[int, _option("--max-record-bytes", help="Longest record accepted, in bytes; at most 1 GiB - 1, the longest line PostgreSQL takes.", env="MAX_RECORD_BYTES")]
-Retries = Annotated[int, _option("--retries", help="Retries of a batch after a transient failure (lost connection, restart, deadlock, timeout).", env="RETRIES")]
-Rejects = Annotated[Optional[str], _option("--rejects", help="Where rejected rows go (CSV: line, sqlstate, message, record). Default: next to the source, SOURCE.rejects.csv (stdin: ./stdin.rejects.csv).", env="REJECTS", show_default=False)]
-MaxErrors = Annotated[Optional[int], _option("--max-errors", help="Stop (exit 1) once more than this many rows were rejected. Default: no limit.", env="MAX_ERRORS", show_default=False)]
 LedgerSchema = Annotated[str, _option("--ledger-schema", help="Schema of the load ledger in the target database.", env="LEDGER_SCHEMA")]
 Json = Annotated[bool, _option("--json", help="Print the report as one JSON object on stdout.", env="JSON")]
-LoadId = Annotated[Optional[str], _option("--load-id", help="Name the load, so that a run from stdin can resume (files resume without it).", env="LOAD_ID", show_default=False)]
-Restart = Annotated[bool, _option("--restart", help="Start a new load even though an unfinished one exists (rows it committed stay in the table).", env="RESTART")]
-Force = Annotated[bool, _option("--force", help="Load again a source that was fully loaded before, as a new load.", env="FORCE")]
-WaitLock = Annotated[float, _option("--wait-lock", help="Seconds to wait while another load of the table runs, before exiting 75.", env="WAIT_LOCK")]
-Deadline = Annotated[Optional[str], _option("--deadline", help="Start no batch after this local time (05:30) or duration (2h, 90m); then exit 75, resumable.", env="DEADLINE", show_default=False)]
-MaxRate = Annotated[Optional[str], _option("--max-rate", help="Cap the pace: rows per second (20000, 20k) or bytes (20MB/s).", env="MAX_RATE", show_default=False)]
-MaxReplicaLag = Annotated[Optional[float], _option("--max-replica-lag", help="Send no new batch while a streaming replica lags more than this many seconds (needs pg_monitor).", env="MAX_REPLICA_LAG", show_default=False)]
-MaxLagWait = Annotated[Optional[float], _option("--max-lag-wait", help="With --max-replica-lag: seconds of waiting in all before stopping (exit 1, resumable). Default: no limit.", env="MAX_LAG_WAIT", show_default=False)]
-StatementTimeout = Annotated[Optional[float], _option("--statement-timeout", help="Seconds a batch's statements may take; a timed-out batch is retried.", env="STATEMENT_TIMEOUT", show_default=False)]
-LockTimeout = Annotated[Optional[float], _option("--lock-timeout", help="Seconds a batch may wait for a lock on the table; then it is retried.", env="LOCK_TIMEOUT", show_default=False)]
-AppName = Annotated[str, _option("--application-name", help="application_name of the load's connections (the load id is added), as pg_stat_activity shows it.", env="APPLICATION_NAME")]
-LogInterval = Annotated[float, _option("--log-interval", help="When stderr is not a terminal: seconds between progress lines.", env="LOG_INTERVAL")]
-MetricsFile = Annotated[Optional[str], _option("--metrics-file", help="Write the run's metrics here at the end (Prometheus textfile for node_exporter).", env="METRICS_FILE", show_default=False)]
-Verbose = Annotated[bool, _option("--verbose", "-v", help="Say what the load is doing (start, resume, retries), not only the summary.", env="VERBOSE")]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadArgs:
+    """The options of a load, each declared once: flag, help, environment variable, and a
+    default taken from options.py. _load_command makes them the parameters of a command."""
+
+    table: Annotated[str, _option("--table", "-t", help='Target table as in SQL: schema.table, "Quoted Names" keep their case.', env="TABLE", show_default=False)]
+    dsn: Dsn = ConnectOptions.dsn
+    header: Annotated[bool, _option("--header/--no-header", help="The first record names the columns.", env="HEADER")] = CsvDialect.header
+    columns: Annotated[Optional[str], _option("--columns", help="Target columns in file order, comma-separated. Default: the header's names, or with --no-header the table's columns.", env="COLUMNS", show_default=False)] = None
+    delimiter: Annotated[str, _option("--delimiter", help="Field delimiter.", env="DELIMITER")] = CsvDialect.delimiter
+    quote: Annotated[str, _option("--quote", help="Quote character.", env="QUOTE")] = CsvDialect.quote
+    escape: Annotated[Optional[str], _option("--escape", help="Escape character inside quotes. Default: the quote (doubled quotes).", env="ESCAPE", show_default=False)] = CsvDialect.escape
+    null: Annotated[str, _option("--null", help="Unquoted text that means NULL. Default: an unquoted empty field.", env="NULL", show_default=False)] = CsvDialect.null
+    encoding: Annotated[str, _option("--encoding", help="Encoding of the file.", env="ENCODING")] = CsvDialect.encoding
+    workers: Annotated[str, _option("--workers", "-w", help="Connections, and batches loading at once; or auto: adapt between 1 and --max-workers to what the server takes. Lowered to the connections the server can spare.", env="WORKERS")] = str(DEFAULT_WORKERS)
+    max_workers: Annotated[int, _option("--max-workers", help="The most batches in flight with --workers auto.", env="MAX_WORKERS")] = DEFAULT_MAX_WORKERS
+    batch_size: Annotated[int, _option("--batch-size", help="Rows per batch (each batch is one transaction).", env="BATCH_SIZE")] = DEFAULT_BATCH_ROWS
+    batch_bytes: Annotated[int, _option("--batch-bytes", help="Bytes per batch at most; a batch ends at whichever limit comes first.", env="BATCH_BYTES")] = DEFAULT_BATCH_BYTES
+    max_record_bytes: Annotated[int, _option("--max-record-bytes", help="Longest record accepted, in bytes; at most 1 GiB - 1, the longest line PostgreSQL takes.", env="MAX_RECORD_BYTES")] = DEFAULT_MAX_RECORD_BYTES
+    retries: Annotated[int, _option("--retries", help="Retries of a batch after a transient failure (lost connection, restart, deadlock, timeout).", env="RETRIES")] = DEFAULT_RETRIES
+    rejects: Annotated[Optional[str], _option("--rejects", help="Where rejected rows go (CSV: line, sqlstate, message, record). Default: next to the source, SOURCE.rejects.csv (stdin: ./stdin.rejects.csv).", env="REJECTS", show_default=False)] = LoadOptions.rejects
+    max_errors: Annotated[Optional[int], _option("--max-errors", help="Stop (exit 1) once more than this many rows were rejected. Default: no limit.", env="MAX_ERRORS", show_default=False)] = LoadOptions.max_errors
+    ledger_schema: LedgerSchema = ConnectOptions.ledger_schema
+    # --load-id: the name this option had first, still taken (crontabs), as LOADER_LOAD_ID is.
+    load_name: Annotated[Optional[str], _option("--load-name", "--load-id", help="Name the load, so that a run from stdin can resume (files resume without it).", env=("LOAD_NAME", "LOAD_ID"), metavar="NAME", show_default=False)] = LoadOptions.load_name
+    restart: Annotated[bool, _option("--restart", help="Start a new load even though an unfinished one exists (rows it committed stay in the table).", env="RESTART")] = LoadOptions.restart
+    force: Annotated[bool, _option("--force", help="Load again a source that was fully loaded before, as a new load.", env="FORCE")] = LoadOptions.force
+    wait_lock: Annotated[float, _option("--wait-lock", help="Seconds to wait while another load of the table runs, before exiting 75.", env="WAIT_LOCK")] = LoadOptions.wait_lock
+    deadline: Annotated[Optional[str], _option("--deadline", help="Start no batch after this local time (05:30) or duration (2h, 90m); then exit 75, resumable.", env="DEADLINE", show_default=False)] = None
+    max_rate: Annotated[Optional[str], _option("--max-rate", help="Cap the pace: rows per second (20000, 20k) or bytes (20MB/s).", env="MAX_RATE", show_default=False)] = None
+    max_replica_lag: Annotated[Optional[float], _option("--max-replica-lag", help="Send no new batch while a streaming replica lags more than this many seconds (needs pg_monitor).", env="MAX_REPLICA_LAG", show_default=False)] = LoadOptions.max_replica_lag
+    max_lag_wait: Annotated[Optional[float], _option("--max-lag-wait", help="With --max-replica-lag: seconds of waiting in all before stopping (exit 1, resumable). Default: no limit.", env="MAX_LAG_WAIT", show_default=False)] = LoadOptions.max_lag_wait
+    statement_timeout: Annotated[Optional[float], _option("--statement-timeout", help="Seconds a batch's statements may take; a timed-out batch is retried.", env="STATEMENT_TIMEOUT", show_default=False)] = ConnectOptions.statement_timeout
+    lock_timeout: Annotated[Optional[float], _option("--lock-timeout", help="Seconds a batch may wait for a lock on the table; then it is retried.", env="LOCK_TIMEOUT", show_default=False)] = ConnectOptions.lock_timeout
+    application_name: Annotated[str, _option("--application-name", help="application_name of the load's connections (the load id is added), as pg_stat_activity shows it.", env="APPLICATION_NAME")] = ConnectOptions.application_name
+    log_interval: Annotated[float, _option("--log-interval", help="When stderr is not a terminal: seconds between progress lines.", env="LOG_INTERVAL")] = DEFAULT_LOG_INTERVAL
+    metrics_file: Annotated[Optional[str], _option("--metrics-file", help="Write the run's metrics here at the end (Prometheus textfile for node_exporter).", env="METRICS_FILE", show_default=False)] = None
+    json_output: Json = False
+    verbose: Annotated[bool, _option("--verbose", "-v", help="Say what the load is doing (start, resume, retries), not only the summary.", env="VERBOSE")] = False
+
+
+def _load_command(name: str, *, without: tuple[str, ...] = ()) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register `command(argument, args: LoadArgs)` as `loader NAME`. typer reads options from
+    a signature, so the one it is given is the command's own parameters followed by the fields
+    of LoadArgs, but those named in `without` (which keep their defaults)."""
+    assert set(without) <= {f.name for f in dataclasses.fields(LoadArgs)}, without
+    hints = typing.get_type_hints(LoadArgs, include_extras=True)
+    shared = [
+        inspect.Parameter(
+            f.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=hints[f.name],
+            default=inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default,
+        )
+        for f in dataclasses.fields(LoadArgs)
+        if f.name not in without
+    ]
+
+    def register(command: Callable[..., None]) -> Callable[..., None]:
+        own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "args"]
+
+        def run(**given: Any) -> None:
+            command(**{p.name: given[p.name] for p in own}, args=LoadArgs(**{p.name: given[p.name] for p in shared}))
+
+        run.__signature__ = inspect.Signature([*own, *shared])  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in (*own, *shared)}
+        run.__name__, run.__qualname__, run.__doc__ = command.__name__, command.__qualname__, command.__doc__
+        app.command(name, epilog=EXIT_CODES)(run)
+        return command
+
+    return register
 
 
 def _workers(value: str, max_workers: int) -> tuple[int, bool]:
@@ -121,72 +171,41 @@ def _workers(value: str, max_workers: int) -> tuple[int, bool]:
         raise UsageError(f"--workers {value!r}: write a number of connections, or auto") from None
 
 
-def _options(
-    source: str,
-    *,
-    table: str,
-    dsn: str | None,
-    header: bool,
-    columns: str | None,
-    delimiter: str,
-    quote: str,
-    escape: str | None,
-    null: str,
-    encoding: str,
-    workers: str,
-    batch_size: int,
-    batch_bytes: int,
-    retries: int,
-    rejects: str | None,
-    max_errors: int | None,
-    ledger_schema: str,
-    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
-    max_workers: int = 8,
-    load_id: str | None = None,
-    restart: bool = False,
-    force: bool = False,
-    wait_lock: float = 0.0,
-    deadline: str | None = None,
-    max_rate: str | None = None,
-    max_replica_lag: float | None = None,
-    max_lag_wait: float | None = None,
-    statement_timeout: float | None = None,
-    lock_timeout: float | None = None,
-    application_name: str = "loader",
-    **_output: object,
-) -> LoadOptions:
+def _load_options(source: str, args: LoadArgs) -> LoadOptions:
     """The command line's values as the library's frozen options (validated there)."""
-    count, auto = _workers(workers, max_workers)
+    count, auto = _workers(args.workers, args.max_workers)
     options = LoadOptions(
         source=source,
-        table=table,
-        dialect=CsvDialect(delimiter=delimiter, quote=quote, escape=escape, null=null, encoding=encoding, header=header),
-        columns=_split_columns(columns),
-        dsn=dsn,
+        table=args.table,
+        dialect=CsvDialect(
+            delimiter=args.delimiter, quote=args.quote, escape=args.escape, null=args.null, encoding=args.encoding, header=args.header
+        ),
+        columns=_split_columns(args.columns),
+        dsn=args.dsn,
         workers=count,
         auto_workers=auto,
-        batch_rows=batch_size,
-        batch_bytes=batch_bytes,
-        max_record_bytes=max_record_bytes,
-        retry=RetryPolicy(attempts=retries + 1),
-        rejects=rejects,
-        max_errors=max_errors,
-        ledger_schema=ledger_schema,
-        load_name=load_id,
-        restart=restart,
-        force=force,
-        wait_lock=wait_lock,
-        deadline=parse_deadline(deadline) if deadline else None,
-        max_rate=parse_rate(max_rate) if max_rate else None,
-        max_replica_lag=max_replica_lag,
-        max_lag_wait=max_lag_wait,
-        statement_timeout=statement_timeout,
-        lock_timeout=lock_timeout,
-        application_name=application_name,
+        batch_rows=args.batch_size,
+        batch_bytes=args.batch_bytes,
+        max_record_bytes=args.max_record_bytes,
+        retry=RetryPolicy(attempts=args.retries + 1),
+        rejects=args.rejects,
+        max_errors=args.max_errors,
+        ledger_schema=args.ledger_schema,
+        load_name=args.load_name,
+        restart=args.restart,
+        force=args.force,
+        wait_lock=args.wait_lock,
+        deadline=parse_deadline(args.deadline) if args.deadline else None,
+        max_rate=parse_rate(args.max_rate) if args.max_rate else None,
+        max_replica_lag=args.max_replica_lag,
+        max_lag_wait=args.max_lag_wait,
+        statement_timeout=args.statement_timeout,
+        lock_timeout=args.lock_timeout,
+        application_name=args.application_name,
     )
     # Only for a run that goes ahead: a refused command gets its one error line, nothing more.
-    if dsn and dsn != os.environ.get("LOADER_DSN") and _has_password(dsn):
-        log("loader: warning: a password in --dsn is visible in ps and shell history; use ~/.pgpass, PGPASSWORD or LOADER_DSN")
+    if args.dsn and args.dsn != os.environ.get("LOADER_DSN") and _has_password(args.dsn):
+        _say.warning("loader: warning: a password in --dsn is visible in ps and shell history; use ~/.pgpass, PGPASSWORD or LOADER_DSN")
     return options
 
 
@@ -197,16 +216,16 @@ def _has_password(dsn: str) -> bool:
         return False
 
 
-def _prepared(table: str, metrics_file: str | None, build: Callable[[], LoadOptions]) -> LoadOptions:
+def _prepared(args: LoadArgs, build: Callable[[], LoadOptions]) -> LoadOptions:
     """--metrics-file is checked before anything else (if it cannot be written, no failure can
     be reported there); a usage error found after it is recorded in it like any other outcome."""
-    if metrics_file:
-        check_writable(Path(metrics_file), "--metrics-file")
+    if args.metrics_file:
+        check_writable(Path(args.metrics_file), "--metrics-file")
     try:
         return build()
     except LoaderError as exc:
-        if metrics_file:
-            metrics.write(Path(metrics_file), table, exc.exit_code, None, 0.0)
+        if args.metrics_file:
+            metrics.write(Path(args.metrics_file), args.table, exc.exit_code, None, 0.0)
         raise
 
 
@@ -222,9 +241,9 @@ async def _with_signals_and_progress(job: Job, progress: bool, log_interval: flo
 
     def on_signal(signum: int) -> None:
         if interrupt.is_set():
-            log(f"loader: {signal.Signals(signum).name} again: exiting now")
+            _say.warning(f"loader: {signal.Signals(signum).name} again: exiting now")
             os._exit(EXIT_FATAL)
-        log(f"loader: {signal.Signals(signum).name}: stopping after the batches in flight (again to exit now)")
+        _say.warning(f"loader: {signal.Signals(signum).name}: stopping after the batches in flight (again to exit now)")
         interrupt.set()
 
     def on_start(report: Report) -> None:
@@ -241,127 +260,68 @@ async def _with_signals_and_progress(job: Job, progress: bool, log_interval: flo
         await asyncio.gather(*shown, return_exceptions=True)
 
 
-def _run(job: Job, json_output: bool, table: str, metrics_file: str | None = None, progress: bool = True, log_interval: float = 60.0) -> None:
+def _run(job: Job, args: LoadArgs, progress: bool) -> None:
     started = time.monotonic()
     report: Report | None = None
     code = EXIT_FATAL
     try:
-        report = asyncio.run(_with_signals_and_progress(job, progress, log_interval))
+        report = asyncio.run(_with_signals_and_progress(job, progress, args.log_interval))
         code = report.exit_code
     except LoaderError as exc:
         report, code = exc.report, exc.exit_code
         if exc.report is not None:
-            _print_report(exc.report, json_output)
+            _print_report(exc.report, args.json_output)
         raise
     finally:
-        if metrics_file:
-            metrics.write(Path(metrics_file), table, code, report, time.monotonic() - started)
-    _print_report(report, json_output)
+        if args.metrics_file:
+            metrics.write(Path(args.metrics_file), args.table, code, report, time.monotonic() - started)
+    _print_report(report, args.json_output)
     raise typer.Exit(report.exit_code)
 
 
-@app.command("import", epilog=EXIT_CODES)
+@_load_command("import")
 def import_(
     source: Annotated[str, typer.Argument(help="CSV file to load (.gz is read transparently), or - for stdin.", show_default=False)],
-    table: Table,
-    dsn: Dsn = None,
-    header: Header = True,
-    columns: Columns = None,
-    delimiter: Delimiter = ",",
-    quote: Quote = '"',
-    escape: Escape = None,
-    null: Null = "",
-    encoding: Encoding = "utf-8",
-    workers: Workers = str(DEFAULT_WORKERS),
-    max_workers: MaxWorkers = 8,
-    batch_size: BatchSize = DEFAULT_BATCH_ROWS,
-    batch_bytes: BatchBytes = DEFAULT_BATCH_BYTES,
-    max_record_bytes: MaxRecordBytes = DEFAULT_MAX_RECORD_BYTES,
-    retries: Retries = DEFAULT_RETRIES,
-    rejects: Rejects = None,
-    max_errors: MaxErrors = None,
-    ledger_schema: LedgerSchema = "loader",
-    load_id: LoadId = None,
-    restart: Restart = False,
-    force: Force = False,
-    wait_lock: WaitLock = 0.0,
-    deadline: Deadline = None,
-    max_rate: MaxRate = None,
-    max_replica_lag: MaxReplicaLag = None,
-    max_lag_wait: MaxLagWait = None,
-    statement_timeout: StatementTimeout = None,
-    lock_timeout: LockTimeout = None,
-    application_name: AppName = "loader",
-    log_interval: LogInterval = 60.0,
-    metrics_file: MetricsFile = None,
-    json_output: Json = False,
-    verbose: Verbose = False,
+    args: LoadArgs,
 ) -> None:
     """Load a CSV file into a PostgreSQL table, exactly once: a re-run resumes an unfinished
     load, and does nothing for a finished one."""
-    _setup_logging(verbose)
-    given = dict(locals())
+    _setup_logging(args.verbose)
 
     def build() -> LoadOptions:
-        check_seconds("--log-interval", log_interval)
-        return _options(**given)
+        check_seconds("--log-interval", args.log_interval)
+        return _load_options(source, args)
 
-    options = _prepared(table, metrics_file, build)
-    _run(
-        lambda interrupt, on_start: pipeline.load(options, interrupt, on_start),
-        json_output, table, metrics_file, progress=True, log_interval=log_interval,
-    )
+    options = _prepared(args, build)
+    _run(lambda interrupt, on_start: pipeline.load(options, interrupt, on_start), args, progress=True)
 
 
-@app.command("retry-rejects", epilog=EXIT_CODES)
+# Not --load-name: the load is named after the rejects file, so that a re-run resumes it. Not
+# --log-interval: no progress is shown.
+@_load_command("retry-rejects", without=("load_name", "log_interval"))
 def retry_rejects(
     rejects_file: Annotated[str, typer.Argument(help="A rejects file written by `loader import`, its records fixed.", show_default=False)],
-    table: Table,
-    dsn: Dsn = None,
-    header: Header = True,
-    columns: Columns = None,
-    delimiter: Delimiter = ",",
-    quote: Quote = '"',
-    escape: Escape = None,
-    null: Null = "",
-    encoding: Encoding = "utf-8",
-    workers: Workers = str(DEFAULT_WORKERS),
-    batch_size: BatchSize = DEFAULT_BATCH_ROWS,
-    batch_bytes: BatchBytes = DEFAULT_BATCH_BYTES,
-    max_record_bytes: MaxRecordBytes = DEFAULT_MAX_RECORD_BYTES,
-    retries: Retries = DEFAULT_RETRIES,
-    rejects: Rejects = None,
-    max_errors: MaxErrors = None,
-    ledger_schema: LedgerSchema = "loader",
-    wait_lock: WaitLock = 0.0,
-    metrics_file: MetricsFile = None,
-    json_output: Json = False,
+    args: LoadArgs,
 ) -> None:
     """Load the records of a rejects file (after fixing them) with the original load's options;
     rows still refused go to REJECTS_FILE.rejects.csv."""
-    given = dict(locals())
-    source = given.pop("rejects_file")
-    _setup_logging(False)
-    options = _prepared(table, metrics_file, lambda: _options(source, **given))
-    _run(
-        lambda interrupt, on_start: pipeline.retry_rejects(source, options, interrupt),
-        json_output, table, metrics_file, progress=False,
-    )
+    _setup_logging(args.verbose)
+    options = _prepared(args, lambda: _load_options(rejects_file, args))
+    _run(lambda interrupt, on_start: pipeline.retry_rejects(rejects_file, options, interrupt), args, progress=False)
 
 
 @app.command("status")
 def status_(
     table: Annotated[Optional[str], typer.Option("--table", "-t", help="Only loads into this table.", show_default=False)] = None,
-    dsn: Dsn = None,
+    dsn: Dsn = ConnectOptions.dsn,
     limit: Annotated[int, typer.Option(help="How many loads, newest first.")] = 20,
-    ledger_schema: LedgerSchema = "loader",
+    ledger_schema: LedgerSchema = ConnectOptions.ledger_schema,
     json_output: Json = False,
 ) -> None:
     """Show recent loads from the ledger: source, table, state, rows, started, duration."""
     if limit < 1:
         raise UsageError("--limit must be at least 1")
-    options = LoadOptions(source="-", table=table or "-", dsn=dsn, workers=1, ledger_schema=ledger_schema)
-    loads = asyncio.run(pipeline.status(options, table, limit))
+    loads = asyncio.run(pipeline.status(ConnectOptions(dsn=dsn, ledger_schema=ledger_schema), table, limit))
     if json_output:
         print(json.dumps(loads))
         return
@@ -381,26 +341,48 @@ def _cell(value: object) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
+_DATE = "%Y-%m-%dT%H:%M:%S%z"
+# What the command line itself says (summary, warnings, errors): shown even without --verbose.
+_say = logging.getLogger("loader.cli")
+
+
 def _setup_logging(verbose: bool) -> None:
-    """The library logs through `logging`; here it goes to stderr, stamped unless on a terminal.
-    Warnings (workers lowered, waiting for replicas, progress lines in cron) always show; what
-    the load does step by step only with --verbose."""
+    """The one logging path: the library's messages and the command line's go to stderr here,
+    each line stamped with the time unless on a terminal (cron mail, log files).
+    Warnings (workers lowered, waiting for replicas, progress lines in cron) and what the
+    command line says always show; what the load does step by step only with --verbose."""
+    stamped = not sys.stderr.isatty()
     handler = logging.StreamHandler(sys.stderr)
-    stamp = "" if sys.stderr.isatty() else "%(asctime)s "
-    handler.setFormatter(logging.Formatter(stamp + "%(message)s", "%Y-%m-%dT%H:%M:%S%z"))
+    handler.setFormatter(_Stamped(stamped))
     logger = logging.getLogger("loader")
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
     logger.propagate = False
+    _say.setLevel(logging.INFO)
     # asyncpg's pool logs reconnection trouble with tracebacks, and asyncio complains of each
     # write to a connection the server closed ("socket.send() raised exception.", by the
     # hundred): one line each, and only with --verbose.
     quiet = logging.StreamHandler(sys.stderr)
-    quiet.setFormatter(_NoTraceback(stamp + "%(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S%z"))
+    quiet.setFormatter(_NoTraceback(("%(asctime)s " if stamped else "") + "%(name)s: %(message)s", _DATE))
     for name in ("asyncpg", "asyncio"):
         other = logging.getLogger(name)
         other.handlers[:] = [quiet] if verbose else [logging.NullHandler()]
         other.propagate = False
+
+
+class _Stamped(logging.Formatter):
+    """The message, every line of it stamped with the local time when `stamped`."""
+
+    def __init__(self, stamped: bool) -> None:
+        super().__init__("%(message)s", _DATE)
+        self.stamped = stamped
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        if not self.stamped:
+            return message
+        when = self.formatTime(record, self.datefmt)
+        return "\n".join(f"{when} {line}" for line in message.splitlines())
 
 
 class _NoTraceback(logging.Formatter):
@@ -409,21 +391,14 @@ class _NoTraceback(logging.Formatter):
         return " ".join(super().format(record).split("\n")[:1])
 
 
-def log(message: str) -> None:
-    """A line on stderr; with a timestamp when stderr is not a terminal (cron mail, log files)."""
-    if not sys.stderr.isatty():
-        message = "\n".join(f"{datetime.now().astimezone():%Y-%m-%dT%H:%M:%S%z} {line}" for line in message.splitlines())
-    print(message, file=sys.stderr, flush=True)
-
-
 def _print_report(report: Report, json_output: bool) -> None:
-    log(report.summary())
+    _say.info(report.summary())
     if json_output:
         print(json.dumps(report.to_dict()), flush=True)
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    log(f"loader: error: {message}")
+    _say.error(f"loader: error: {message}")
     sys.exit(code)
 
 
@@ -441,6 +416,7 @@ def _return_big_buffers_to_the_os() -> None:
 def main(argv: list[str] | None = None) -> NoReturn:
     """Entry point: every error becomes one line on stderr and its exit code."""
     _return_big_buffers_to_the_os()
+    _setup_logging(verbose=False)  # a command sets it again with its --verbose
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name="loader", standalone_mode=False)

@@ -61,26 +61,34 @@ class TableReplaced(LoaderError):
     created again): no batch may go into another table than the one the load began with."""
 
 
+# The SQLSTATEs the loader names, under PostgreSQL's condition names (its manual, appendix A).
+# A class is a code's first two characters; a prefix covers every code that begins with it.
+CONNECTION_EXCEPTION = "08"  # class
+DATA_EXCEPTION = "22"  # class
+BAD_COPY_FILE_FORMAT = "22P04"  # COPY's field count, line endings, open quotes, "missing data for column"
+INTEGRITY_CONSTRAINT_VIOLATION = "23"  # class
+TRANSACTION_ROLLBACK = "40"  # class: serialization failure, deadlock
+INSUFFICIENT_RESOURCES = "53"  # class
+TOO_MANY_CONNECTIONS = "53300"
+LOCK_NOT_AVAILABLE = "55P03"  # --lock-timeout: someone holds a lock on the table for now
+QUERY_CANCELED = "57014"  # --statement-timeout
+SERVER_UNAVAILABLE = "57P"  # prefix of operator intervention: admin or crash shutdown, cannot connect now
+
+# SQLSTATEs that a later attempt can cure: the connection or the server, not the data.
+_TRANSIENT_CLASSES = (CONNECTION_EXCEPTION, TRANSACTION_ROLLBACK, INSUFFICIENT_RESOURCES)
+_TRANSIENT_PREFIXES = (SERVER_UNAVAILABLE, QUERY_CANCELED, LOCK_NOT_AVAILABLE)
+
+# SQLSTATE classes that mean "this data is bad" (COPY's own format errors included).
+_DATA_CLASSES = (DATA_EXCEPTION, INTEGRITY_CONSTRAINT_VIOLATION)
+
+
 class MisreadRecords(Exception):
     """PostgreSQL took another number of rows from a COPY than it was sent records: a line
     holding only \\. (COPY's end-of-data marker until PostgreSQL 18), or a line break that
     COPY reads otherwise than the file's own line ending. A data error like a refused row
     (SQLSTATE 22P04, bad COPY file format): the rows go back, and the record is found."""
 
-    sqlstate = "22P04"
-
-
-# SQLSTATE classes (first two characters) and codes that a later attempt can cure:
-# 08 connection exception, 40 transaction rollback (serialization failure, deadlock),
-# 53 insufficient resources (too many connections), 57P operator intervention
-# (admin shutdown, crash shutdown, cannot connect now), 57014 statement timeout (--statement-timeout),
-# 55P03 lock not available (--lock-timeout: someone holds a lock on the table for now).
-_TRANSIENT_CLASSES = ("08", "40", "53")
-_TRANSIENT_PREFIXES = ("57P", "57014", "55P03")
-
-# SQLSTATE classes that mean "this data is bad": 22 data exception (including COPY's own
-# format errors such as 22P04 "missing data for column"), 23 integrity constraint violation.
-_DATA_CLASSES = ("22", "23")
+    sqlstate = BAD_COPY_FILE_FORMAT
 
 
 def sqlstate(exc: BaseException) -> str | None:

@@ -8,25 +8,22 @@ sqrt(2 c / (r d)) rows for a density d, a COPY's fixed cost c and a row's parse 
 (see PIECE_FACTOR). Each bad row costs one refused COPY, and the rows parsed in vain stay
 close to the bad ones.
 
-Pieces are cut at record ends by bytes (counting quotes, in C), so the pieces that load
-cost no Python work per row; only a refused piece is split into records, up to the one the
-server named. Where the server names no line, or a custom --escape keeps records from being
-cut by counting quotes, the records are split and the pieces bisected.
+Pieces are cut at record ends by bytes (counting quotes, in C: see `records`), so the
+pieces that load cost no Python work per row; only a refused piece is split into records,
+up to the one the server named. Where the server names no line, or a custom --escape keeps
+records from being cut by counting quotes, the records are split and the pieces bisected.
 """
 
 from __future__ import annotations
 
-import bisect
-import functools
-import itertools
 import math
-import operator
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from .batching import Batch, record_end_finder
-from .errors import MisreadRecords, is_data_error, server_message, sqlstate
+from .batching import Batch
+from .errors import BAD_COPY_FILE_FORMAT, MisreadRecords, is_data_error, server_message, sqlstate
 from .options import CsvDialect
+from .records import NO_RECORDS, Records, RecordSyntax, Run, find_copy_line, split_records
 from .rejects import Reject
 
 MIN_PIECE = 16
@@ -35,170 +32,16 @@ MIN_PIECE = 16
 # best: pieces of about 285 rows. (A file with a bad row every 1,000th row misleads: some
 # piece sizes line up with the period.)
 PIECE_FACTOR = 9.0
-COPY_FORMAT_ERROR = "22P04"  # bad_copy_file_format: field count, line endings, open quotes
-
-
-Run = tuple[int, int]  # records lo:hi
-
-
-class Records:
-    """Records of a refused piece, as offsets into their bytes (no copy per record)."""
-
-    def __init__(self, data: bytes, offsets: list[int], lines: list[int], newline: bytes = b"\n") -> None:
-        self.data = data
-        self.offsets = offsets  # record i is data[offsets[i]:offsets[i + 1]]
-        self.lines = lines  # the source line where record i starts
-        self.newline = newline  # what ends a record: LF (also for CRLF files) or CR
-
-    def __len__(self) -> int:
-        return len(self.lines)
-
-    def span(self, lo: int, hi: int) -> bytes:
-        return self.data[self.offsets[lo] : self.offsets[hi]]
-
-    def record(self, i: int) -> bytes:
-        return self.span(i, i + 1)
-
-    def slice(self, lo: int, hi: int) -> Records:
-        """Records lo:hi, with their own bytes."""
-        offsets = list(map((-self.offsets[lo]).__add__, self.offsets[lo : hi + 1]))
-        return Records(self.span(lo, hi), offsets, self.lines[lo:hi], self.newline)
-
-    def __add__(self, other: Records) -> Records:
-        if not other.lines:
-            return self
-        if not self.lines:
-            return other
-        offsets = [*self.offsets[:-1], *map(len(self.data).__add__, other.offsets)]
-        return Records(self.data + other.data, offsets, self.lines + other.lines, self.newline)
-
-    def join(self, runs: Sequence[Run]) -> bytes:
-        """The bytes of the records of `runs`, in order: what one COPY of them sends."""
-        if len(runs) == 1:
-            return self.span(*runs[0])
-        return b"".join(itertools.starmap(self.span, runs))
-
-    def view(self, runs: Sequence[Run]) -> Records:
-        """The records of `runs` as one Records, numbered from 0 as one COPY of them counts."""
-        if list(runs) == [(0, len(self))]:
-            return self
-        return functools.reduce(operator.add, itertools.starmap(self.slice, runs), NO_RECORDS)
-
-
-NO_RECORDS = Records(b"", [0], [])
-
-
-def split_records(data: bytes, first: int, dialect: CsvDialect) -> Records:
-    """The records of `data` (which starts at a record start, on source line `first`), with the
-    line each starts on. Every line starts a record unless the line before it ends inside a
-    quoted field; all of it in C (split, accumulate, slices), no Python step per row."""
-    newline = dialect.newline.encode()
-    lines = data.split(newline)
-    lines.pop()  # after the last line ending: empty, or a last record without one
-    line_starts = list(itertools.accumulate(map((1).__add__, map(len, lines)), initial=0))
-    if dialect.escape_char == dialect.quote:
-        # Keep the line starts but those after a line ending inside quotes: ranges lo[i]:hi[i].
-        quoted = _quoted_lines(data, line_starts, dialect.quote.encode(), newline)
-        cuts = [0, *itertools.chain.from_iterable(quoted), len(lines) + 1]
-        lo, hi = cuts[0::2], cuts[1::2]
-        offsets = list(itertools.chain.from_iterable(map(line_starts.__getitem__, map(slice, lo, hi))))
-        starts = list(itertools.chain.from_iterable(map(range, map(first.__add__, lo), map(first.__add__, hi))))
-    else:
-        kept = [0, *map((1).__add__, record_end_finder(dialect)(lines))]
-        offsets = list(map(line_starts.__getitem__, kept))
-        starts = list(map(first.__add__, kept))
-    if offsets[-1] < len(data):  # no line ending, or a quote left open at the end
-        offsets.append(len(data))
-    else:
-        starts.pop()
-    return Records(data, offsets, starts, newline)
-
-
-def _quoted_lines(data: bytes, line_starts: list[int], quote: bytes, newline: bytes) -> Iterator[tuple[int, int]]:
-    """(a + 1, b + 1) for each quoted field holding a line break, from line a to line b, when
-    quotes inside fields are doubled: lines a to b - 1 end inside it. Between the quotes of
-    `data` (which starts at a record start), the odd stretches are quoted."""
-    parts = data.split(quote)
-    after = list(itertools.accumulate(map((1).__add__, map(len, parts))))  # after[i]: just past part i's quote
-    inside = itertools.compress(range(1, len(parts), 2), map(operator.contains, parts[1::2], itertools.repeat(newline)))
-    for i in inside:
-        a = bisect.bisect_right(line_starts, after[i - 1]) - 1
-        b = bisect.bisect_right(line_starts, after[i] - 1) - 1 if i < len(parts) - 1 else len(line_starts) - 1
-        yield a + 1, b + 1
-
-
-def find_copy_line(records: Records, lo: int, hi: int, reported: int) -> int | None:
-    """Index of the record in lo:hi whose line PostgreSQL reports as `reported` when lo:hi goes
-    as one COPY, or None. COPY counts one per record plus the line breaks inside quoted fields,
-    but only the kind its end-of-line detection expects: until the first record ends that is
-    CR; afterwards LF for files with LF endings, CR for CRLF or CR ones. Each record
-    counts at least one, so only the records up to the reported one are looked at."""
-    stop = min(hi, lo + reported)
-    data, offsets = records.data, records.offsets
-    if reported == 1:
-        return lo
-    lf_only = records.newline == b"\n" and data.find(b"\r", offsets[lo], offsets[stop]) < 0
-    if lf_only and data.endswith(b"\n", 0, offsets[stop]):
-        # LF endings only: the first record counts one line, each later one its LFs, so record
-        # j's line is 1 + the LFs from record lo + 1 to j's end. Start from the last record
-        # that can hold the line and step back over the quoted line breaks (usually none).
-        j = stop - 1
-        line = 1 + data.count(b"\n", offsets[lo + 1], offsets[j + 1]) if j > lo else 1
-        while line > reported and j > lo:
-            line -= data.count(b"\n", offsets[j], offsets[j + 1])
-            j -= 1
-        return j if line == reported else None
-    return _find_copy_line_counting(records, lo, stop, reported)
-
-
-def _find_copy_line_counting(records: Records, lo: int, stop: int, reported: int) -> int | None:
-    """find_copy_line, record by record, for any line endings."""
-    line = 0
-    eol_is_lf: bool | None = None
-    for i in range(lo, stop):
-        data = records.record(i)
-        ends_crlf = data.endswith(b"\r\n")
-        ends_lf = data.endswith(b"\n")
-        if eol_is_lf:
-            line += data.count(b"\n") - (1 if ends_lf else 0)
-        else:  # CR counts, as long as the line ending is not known to be LF; the record's own does not
-            line += data.count(b"\r") - (1 if ends_crlf or data.endswith(b"\r") else 0)
-        line += 1
-        if line == reported:
-            return i
-        if line > reported:
-            return None
-        if eol_is_lf is None and ends_lf:
-            eol_is_lf = not ends_crlf
-    return None
 
 
 def _reject(records: Records, i: int, exc: BaseException) -> Reject:
-    data = records.record(i)
-    if data.endswith(records.newline):
-        data = data[: -2 if records.newline == b"\n" and data.endswith(b"\r\n") else -1]
-    return Reject(records.lines[i], sqlstate(exc) or "", server_message(exc), bytes(data))
+    return Reject(records.lines[i], sqlstate(exc) or "", server_message(exc), bytes(records.bare(i)))
 
 
 # Sends one COPY of the records in `data`, of which there are `records`: returns the rows
 # loaded, and raises MisreadRecords (in the savepoint, undone) when the server took another
 # number of rows, so that no record is ever counted as loaded but lost, or loaded twice.
 Copy = Callable[[bytes, int], Awaitable[int]]
-
-
-def holds_end_marker(data: bytes | bytearray, newline: bytes) -> bool:
-    """Whether `data` may hold a line of only \\. (COPY's end-of-data marker before
-    PostgreSQL 18, which ends the COPY there): a batch that does goes straight to isolation,
-    where the COPY's row count finds the line. In C (find), no step per row; an occurrence
-    inside a quoted field only costs that batch the fast path."""
-    at = data.find(b"\\.")
-    while at >= 0:
-        if at == 0 or data[at - 1] == newline[0]:
-            rest = bytes(data[at + 2 : at + 4])
-            if not rest or rest.startswith(newline) or rest in (b"\r", b"\r\n"):
-                return True
-        at = data.find(b"\\.", at + 2)
-    return False
 
 
 def misread_message(data: bytes, rows: int, records: int) -> str:
@@ -209,22 +52,6 @@ def misread_message(data: bytes, rows: int, records: int) -> str:
         f"PostgreSQL read {rows} rows where the source holds {records} records: a line holding only \\. "
         "ends the data of a COPY, and a line break other than the file's own line ending splits a record"
     )
-
-
-@functools.cache
-def _not_quote_or_newline(quote: bytes, newline: bytes) -> bytes:
-    return bytes(b for b in range(256) if b not in (quote[0], newline[0]))
-
-
-def count_records(data: bytes, start: int, end: int, quote: bytes, newline: bytes) -> int:
-    """The records of data[start:end] (starting at a record start, quotes inside fields
-    doubled): the line endings outside quotes, and one more for a last record without one."""
-    if end <= start:
-        return 0
-    segments = data[start:end].translate(None, _not_quote_or_newline(quote, newline)).replace(quote + quote, b"").split(quote)
-    records = sum(map(len, segments[0::2]))
-    terminated = len(segments) % 2 == 1 and segments[-1].endswith(newline) and data.endswith(newline, start, end)
-    return records if terminated else records + 1
 
 
 @dataclass
@@ -264,9 +91,10 @@ async def isolate(
     next piece; the record itself is rejected."""
     rate = rate if rate is not None else ErrorRate()
     data = batch.data  # only ever sliced (copied): nothing keeps it once the batch's buffer is reused
-    if dialect.escape_char != dialect.quote:  # records cannot be cut by counting quotes
+    syntax = RecordSyntax.of(dialect)
+    if not syntax.parity:  # records cannot be cut by counting quotes
         return await _resolve(split_records(data, batch.first_line, dialect), copy, copy_line, first_error, rate)
-    quote, newline = dialect.quote.encode(), dialect.newline.encode()
+    newline = syntax.newline
     record_bytes = len(data) / max(1, batch.rows)
     loaded = 0
     rejects: list[Reject] = []
@@ -280,9 +108,9 @@ async def isolate(
                 piece = rate.piece()
                 # As many known good records as a piece go alone, lest failures pile them up.
                 at = start + int(piece * record_bytes)
-                end = start if len(carry) >= piece else _record_end(data, start, at, quote, newline)
+                end = start if len(carry) >= piece else syntax.record_end(data, start, at)
             try:
-                rows = await copy(carry.data + data[start:end], len(carry) + count_records(data, start, end, quote, newline))
+                rows = await copy(carry.data + data[start:end], len(carry) + syntax.count(data[start:end]))
             except Exception as exc:
                 if not is_data_error(exc):
                     raise
@@ -295,7 +123,7 @@ async def isolate(
                 start = end
                 continue
         # The COPY of carry + data[start:end] failed with `error`.
-        view, bad = _locate(carry, data, start, end, line, copy_line(error), len(data) / max(1, batch.lines), quote, dialect)
+        view, bad = _locate(carry, data, start, end, line, copy_line(error), len(data) / max(1, batch.lines), syntax, dialect)
         if bad is None:  # the server named no record: bisect all that was sent
             piece_loaded, piece_rejects = await _resolve(view, copy, copy_line, error, rate)
             loaded += piece_loaded
@@ -329,7 +157,7 @@ def _locate(
     line: int,
     reported: int | None,
     line_bytes: float,
-    quote: bytes,
+    syntax: RecordSyntax,
     dialect: CsvDialect,
 ) -> tuple[Records, int | None]:
     """The records of a refused COPY of carry + data[start:end], and the index of the one the
@@ -339,25 +167,12 @@ def _locate(
         return carry + split_records(data[start:end], line, dialect), None
     size = max(line_bytes, reported * line_bytes * 1.25 - len(carry.data))
     while True:
-        bound = _record_end(data, start, start + int(size), quote, dialect.newline.encode()) if start + size < end else end
+        bound = syntax.record_end(data, start, start + int(size)) if start + size < end else end
         view = carry + split_records(data[start:bound], line, dialect)
         bad = find_copy_line(view, 0, len(view), reported)
         if bad is not None or bound >= end:
             return view, bad
         size *= 2
-
-
-def _record_end(data: bytes, start: int, at: int, quote: bytes, newline: bytes) -> int:
-    """Where the first record that ends at or after byte `at` ends, records starting at
-    `start` and quotes inside fields doubled: at the first line ending after `at` that an
-    even number of quotes since `start` leaves outside quotes. The end of `data` if none."""
-    end = data.find(newline, at) if at < len(data) else -1
-    odd = data.count(quote, start, end) & 1 if end >= 0 else 0
-    while odd and end >= 0:
-        after = data.find(newline, end + 1)
-        odd ^= data.count(quote, end, after) & 1 if after >= 0 else 0
-        end = after
-    return len(data) if end < 0 else end + 1
 
 
 async def _resolve(
@@ -428,7 +243,7 @@ async def _settle(records: Records, bad: int, error: BaseException, copy: Copy, 
     """Reject the record a COPY of `records` was refused at; None if it loaded alone instead.
     COPY takes the line-ending style from a piece's first record, so a record that ends
     differently is refused among others (22P04) but may load alone: it is tried alone first."""
-    if len(records) > 1 and sqlstate(error) == COPY_FORMAT_ERROR:
+    if len(records) > 1 and sqlstate(error) == BAD_COPY_FILE_FORMAT:
         try:
             await copy(records.record(bad), 1)
             return None

@@ -40,7 +40,6 @@ class Ledger:
         self._resume_sql = sql.render(sql.RESUME_LOAD, schema=schema)
         self._committed_batches_sql = sql.render(sql.COMMITTED_BATCHES, schema=schema)
         self._recent_sql = sql.render(sql.RECENT_LOADS, schema=schema)
-        self.boundaries_sql = sql.render(sql.LOAD_BOUNDARIES, schema=schema)
         self.count_rejects_sql = sql.render(sql.COUNT_REJECTS, schema=schema)
         self._update_source_sql = sql.render(sql.UPDATE_SOURCE, schema=schema)
 

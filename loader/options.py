@@ -23,6 +23,8 @@ DEFAULT_BATCH_BYTES = 4 * 1024 * 1024
 DEFAULT_WORKERS = 2
 DEFAULT_RETRIES = 5
 DEFAULT_MAX_RECORD_BYTES = 64 << 20
+DEFAULT_MAX_WORKERS = 8  # the most batches in flight with --workers auto
+DEFAULT_LOG_INTERVAL = 60.0  # seconds between progress lines when stderr is not a terminal
 MAX_BATCH_BYTES = 1 << 30  # memory is about 2 x workers x batch bytes
 MAX_RECORD_BYTES = (1 << 30) - 1  # PostgreSQL refuses a longer line in COPY
 _PG_MAX_MS = 2_147_483_647  # statement_timeout and lock_timeout are int milliseconds
@@ -236,27 +238,43 @@ class RetryPolicy:
             raise UsageError("--retries cannot be negative")
 
 
+@dataclass(frozen=True, kw_only=True)
+class ConnectOptions:
+    """The database to work in: how to reach it, what its sessions are set to, where its load
+    ledger is. All that `loader status` needs; a load's options extend it."""
+
+    dsn: str | None = None  # None: $DATABASE_URL, then libpq's PG* variables and .pgpass
+    ledger_schema: str = "loader"
+    application_name: str = "loader"
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    statement_timeout: float | None = None  # seconds, per statement on the loading connections
+    lock_timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.dsn:
+            check_dsn(self.dsn)
+        check_seconds("--statement-timeout", self.statement_timeout, most_ms=_PG_MAX_MS)
+        check_seconds("--lock-timeout", self.lock_timeout, most_ms=_PG_MAX_MS)
+
+
 @dataclass(frozen=True)
-class LoadOptions:
-    """Everything one `loader import` needs; built by the CLI or by a library caller."""
+class LoadOptions(ConnectOptions):
+    """Everything one `loader import` needs; built by the CLI or by a library caller. The
+    database's options (dsn=, ledger_schema=, retry=, ...) are keyword-only."""
 
     source: str  # a path, or "-" for standard input
     table: str  # as written in SQL: schema.table, with double quotes where needed
     dialect: CsvDialect = field(default_factory=CsvDialect)
     columns: tuple[str, ...] | None = None
-    dsn: str | None = None  # None: $DATABASE_URL, then libpq's PG* variables and .pgpass
     workers: int = DEFAULT_WORKERS
     batch_rows: int = DEFAULT_BATCH_ROWS
     batch_bytes: int = DEFAULT_BATCH_BYTES
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES  # the longest record accepted (PostgreSQL: 1 GiB - 1)
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-    ledger_schema: str = "loader"
-    application_name: str = "loader"
     rejects: str | None = None  # rejects file; None: next to the source (see rejects.default_path)
     max_errors: int | None = None  # stop once more rows than this were rejected; None: no limit
     # For a source derived from another file (retry-rejects): the original line of each of its lines.
     source_lines: tuple[int, ...] | None = None
-    load_name: str | None = None  # --load-id: names the load, so that stdin can resume
+    load_name: str | None = None  # --load-name: names the load, so that stdin can resume
     restart: bool = False  # start a new load even though an unfinished one exists
     force: bool = False  # load again a source that was fully loaded
     wait_lock: float = 0.0  # seconds to wait for another load of the table to finish
@@ -265,8 +283,6 @@ class LoadOptions:
     max_rate: Rate | None = None
     max_replica_lag: float | None = None  # seconds; pause while a streaming replica lags more
     max_lag_wait: float | None = None  # seconds of waiting for replicas before stopping (exit 1)
-    statement_timeout: float | None = None  # seconds, per statement on the loading connections
-    lock_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if not self.table.strip():
@@ -287,17 +303,14 @@ class LoadOptions:
             raise UsageError(
                 f"--max-record-bytes must be at most {MAX_RECORD_BYTES} (1 GiB - 1): PostgreSQL cannot take a longer line"
             )
-        if self.dsn:
-            check_dsn(self.dsn)
+        super().__post_init__()
         check_seconds("--max-replica-lag", self.max_replica_lag)
         check_seconds("--max-lag-wait", self.max_lag_wait)
-        check_seconds("--statement-timeout", self.statement_timeout, most_ms=_PG_MAX_MS)
-        check_seconds("--lock-timeout", self.lock_timeout, most_ms=_PG_MAX_MS)
         if self.max_lag_wait is not None and self.max_replica_lag is None:
             raise UsageError("--max-lag-wait goes with --max-replica-lag")
         check_seconds("--wait-lock", self.wait_lock, zero=True)
         if self.load_name is not None and not self.load_name.strip():
-            raise UsageError("--load-id cannot be empty")
+            raise UsageError("--load-name cannot be empty")
         if self.max_errors is not None and self.max_errors < 0:
             raise UsageError("--max-errors cannot be negative")
         if self.columns is not None:

@@ -1,8 +1,8 @@
 """Retrying transient failures: exponential backoff with jitter, a bounded number of attempts.
 
-"Too many connections" (53300) is the server asking for fewer of them, not a fault: it does
-not use up the attempts; it is retried for up to `TOO_MANY_CONNECTIONS_PATIENCE_S` while the
-load lowers its concurrency (see pipeline)."""
+"Too many connections" (errors.TOO_MANY_CONNECTIONS) is the server asking for fewer of them,
+not a fault: it does not use up the attempts; it is retried for up to
+`TOO_MANY_CONNECTIONS_PATIENCE_S` while the load lowers its concurrency (see pipeline)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,9 @@ from collections.abc import Callable
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
 
-from .errors import is_transient, sqlstate
+from .errors import TOO_MANY_CONNECTIONS, is_transient, sqlstate
 from .options import RetryPolicy
 
-
-TOO_MANY_CONNECTIONS = "53300"
 TOO_MANY_CONNECTIONS_PATIENCE_S = 600.0
 
 

@@ -1,210 +1,39 @@
-"""The PostgreSQL side: the connection pool, the target table, and COPY of one batch.
+"""The sink: COPY of one batch, with its ledger row, in one transaction, exactly once.
 
-This is the one place where asyncpg's exceptions about setup (connecting, finding the
-table and its columns, checking the COPY options) become the loader's own errors.
+The fast path is one COPY of the batch's bytes; a refused batch goes through `isolate`.
+This is the one place where asyncpg's exceptions about loading a batch become the loader's
+own errors (connecting: `connect`; the target table: `target`; the wire: `copywire`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
-from urllib.parse import urlsplit
 
 import asyncpg
 
 from . import sql
 from .batching import Batch
+from .copywire import copy_line, copy_rows, copy_statement
 from .errors import (
     LoaderError,
     MisreadRecords,
     TableReplaced,
-    UsageError,
     is_data_error,
     is_transient,
     server_message,
     sqlstate,
 )
-from .isolate import ErrorRate, holds_end_marker, isolate, misread_message
+from .isolate import ErrorRate, isolate, misread_message
+from .records import holds_end_marker
 from .ledger import Ledger
-from .options import CsvDialect, LoadOptions, RetryPolicy
+from .options import CsvDialect, RetryPolicy
 from .rejects import Reject
 from .retry import retrying
-from .throttle import TokenBucket
-
-T = TypeVar("T")
-
-_WRITABLE_RELKINDS = {"r": "table", "p": "partitioned table", "f": "foreign table"}
-_COPY_LINE = re.compile(r"\bline (\d+)")
-
-
-def resolve_dsn(dsn: str | None) -> str | None:
-    """--dsn, else $DATABASE_URL, else None (asyncpg then reads PG* variables and .pgpass)."""
-    return dsn or os.environ.get("DATABASE_URL") or None
-
-
-def describe_server(dsn: str | None) -> str:
-    """Where we connect, for messages: host, port and database, never the password."""
-    if dsn and "://" in dsn:
-        parts = urlsplit(dsn)
-        host = parts.hostname or os.environ.get("PGHOST", "localhost")
-        try:
-            port = parts.port or os.environ.get("PGPORT", 5432)
-        except ValueError:
-            port = "?"
-        database = parts.path.lstrip("/") or os.environ.get("PGDATABASE", "")
-    else:
-        host = os.environ.get("PGHOST", "localhost")
-        port = os.environ.get("PGPORT", 5432)
-        database = os.environ.get("PGDATABASE", "")
-    return f"{host}:{port}/{database}" if database else f"{host}:{port}"
-
-
-def redact(text: str, dsn: str | None) -> str:
-    """Remove the DSN's password from a message, wherever a library may have echoed it."""
-    if dsn and "://" in dsn:
-        try:
-            password = urlsplit(dsn).password
-        except ValueError:
-            password = None
-        if password:
-            text = text.replace(password, "****")
-    return text
-
-
-def copy_line(exc: BaseException) -> int | None:
-    """The 1-based record number within a COPY that the server blamed, from the error context."""
-    match = _COPY_LINE.search(getattr(exc, "context", None) or "")
-    return int(match.group(1)) if match else None
-
-
-async def _connecting(options: LoadOptions, connect: Callable[[str | None], Awaitable[T]], on_retry: Callable[[BaseException], None] | None) -> T:
-    """Run `connect` with the load's retry policy; failures become one clear LoaderError."""
-    dsn = resolve_dsn(options.dsn)
-    server = describe_server(dsn)
-    try:
-        async for attempt in retrying(options.retry, on_retry):
-            with attempt:
-                return await connect(dsn)
-    except asyncpg.InvalidAuthorizationSpecificationError as exc:
-        raise UsageError(f"cannot log in to {server}: {redact(server_message(exc), dsn)}") from None
-    except asyncpg.InvalidCatalogNameError as exc:
-        raise UsageError(f"cannot connect to {server}: {redact(server_message(exc), dsn)}") from None
-    except (asyncpg.exceptions.ClientConfigurationError, ValueError) as exc:
-        raise UsageError(f"invalid connection settings: {redact(str(exc), dsn)}") from None
-    except Exception as exc:
-        reason = redact(" ".join(str(exc).split()) or type(exc).__name__, dsn)
-        if is_transient(exc):
-            raise LoaderError(
-                f"cannot connect to PostgreSQL at {server} after {options.retry.attempts} attempts: {reason}"
-            ) from None
-        raise LoaderError(f"cannot connect to PostgreSQL at {server}: {reason}") from None
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _settings(options: LoadOptions, application_name: str | None = None) -> dict[str, str]:
-    settings = {"application_name": application_name or options.application_name}
-    if options.statement_timeout is not None:
-        settings["statement_timeout"] = f"{max(1, round(options.statement_timeout * 1000))}ms"
-    if options.lock_timeout is not None:
-        settings["lock_timeout"] = f"{max(1, round(options.lock_timeout * 1000))}ms"
-    return settings
-
-
-async def open_pool(
-    options: LoadOptions,
-    size: int,
-    application_name: str,
-    on_retry: Callable[[BaseException], None] | None = None,
-    lazy: bool = False,
-) -> asyncpg.Pool:
-    """A pool of at most `size` connections (all opened now unless `lazy`); transient failures
-    are retried, the rest explained. Idle connections of a lazy pool close after 10 s, so a
-    load that lowers its concurrency gives connections back."""
-
-    async def create(dsn: str | None) -> asyncpg.Pool:
-        return await asyncpg.create_pool(
-            dsn,
-            min_size=1 if lazy else size,
-            max_size=size,
-            max_inactive_connection_lifetime=10.0 if lazy else 300.0,
-            timeout=15,
-            # A batch's commit need not wait for its WAL to reach the disk: the batch's rows and
-            # its ledger row are lost together or kept together, and the load's last commit
-            # (synchronous, on its own session) makes them all durable before it reports
-            # success, after checking that none was lost (see pipeline._Load.run).
-            server_settings={**_settings(options, application_name), "synchronous_commit": "off"},
-            reset=_nothing_to_reset,
-        )
-
-    return await _connecting(options, create, on_retry)
-
-
-async def _nothing_to_reset(conn: asyncpg.Connection) -> None:
-    """Pool connections only ever run batch transactions (which asyncpg rolls back if left
-    open): no session state, no advisory locks, no LISTEN to undo. asyncpg's default reset
-    would cost a round trip per batch."""
-
-
-async def connect(options: LoadOptions, on_retry: Callable[[BaseException], None] | None = None) -> asyncpg.Connection:
-    """One connection outside the pool: it holds the table's lock for the whole load."""
-
-    async def create(dsn: str | None) -> asyncpg.Connection:
-        return await asyncpg.connect(dsn, timeout=15, server_settings=_settings(options))
-
-    return await _connecting(options, create, on_retry)
-
-
-@dataclass(frozen=True)
-class Target:
-    """The table rows go into, as the server resolved it."""
-
-    oid: int
-    schema: str
-    name: str
-    columns: tuple[str, ...]  # every column a COPY can write, in table order
-    relkind: str = "r"  # pg_class.relkind: r table, p partitioned table, f foreign table
-
-    @property
-    def display(self) -> str:
-        return sql.qualified(self.schema, self.name)
-
-    def pick_columns(self, names: Sequence[str], where: str) -> tuple[str, ...]:
-        """Map names from the header or --columns to the table's columns: exact match first,
-        then a unique case-insensitive one (a header "ID" for a column id)."""
-        by_lower: dict[str, list[str]] = {}
-        for column in self.columns:
-            by_lower.setdefault(column.lower(), []).append(column)
-        picked: list[str] = []
-        for name in names:
-            if name in self.columns:
-                picked.append(name)
-            elif len(by_lower.get(name.lower(), [])) == 1:
-                picked.append(by_lower[name.lower()][0])
-            else:
-                known = ", ".join(self.columns)
-                raise UsageError(f"{where} names {name!r}, which is not a column of {self.display} (columns: {known})")
-        duplicated = {c for c in picked if picked.count(c) > 1}
-        if duplicated:
-            raise UsageError(f"{where} names column {sorted(duplicated)[0]!r} more than once")
-        return tuple(picked)
-
-
-async def resolve_target(conn: asyncpg.Connection, table: str) -> Target:
-    try:
-        row = await conn.fetchrow(sql.RESOLVE_TABLE, table)
-    except asyncpg.PostgresError as exc:
-        raise UsageError(f"--table {table}: {server_message(exc)}") from None
-    if row is None:
-        raise UsageError(f"table {table} does not exist (check the name, its schema and the quotes)")
-    if row["relkind"] not in _WRITABLE_RELKINDS:
-        raise UsageError(f"{table} is not a table; COPY can load only tables")
-    columns = await conn.fetch(sql.TABLE_COLUMNS, row["oid"])
-    return Target(row["oid"], row["nspname"], row["relname"], tuple(r["attname"] for r in columns), row["relkind"])
+from .target import Target
+from .throttle import Pace
 
 
 @dataclass(frozen=True)
@@ -216,72 +45,6 @@ class Outcome:
     rejects: list[Reject]  # refused now (empty when an earlier attempt or run committed it)
     already: bool = False  # committed by an earlier attempt or run; nothing was written now
     retries: int = 0  # transient failures of this batch before it went through
-
-
-def copy_options(dialect: CsvDialect) -> dict[str, str]:
-    """COPY's options for the dialect; HEADER is never sent (the loader takes the header off)."""
-    options = {
-        "format": "csv",
-        "delimiter": dialect.delimiter,
-        "quote": dialect.quote,
-        "null": dialect.null,
-        "encoding": dialect.pg_encoding,
-    }
-    if dialect.escape is not None:
-        options["escape"] = dialect.escape
-    return options
-
-
-def copy_statement(target: Target, columns: Sequence[str], dialect: CsvDialect) -> str:
-    return sql.copy_from_stdin(target.schema, target.name, columns, copy_options(dialect))
-
-
-SEND_CHUNK = 256 * 1024
-PACE_CHUNK = 64 * 1024
-
-
-async def _chunks(data: bytes | bytearray, pace: tuple[TokenBucket, str] | None) -> AsyncIterator[memoryview]:
-    """The batch in slices that fit the CPU's cache: asyncpg copies each into a message of
-    that size, where one message for the whole batch would be fresh memory (page faults)
-    every time. With --max-rate, each slice waits for the token bucket: a smooth pace."""
-    view = memoryview(data)
-    step = SEND_CHUNK if pace is None else PACE_CHUNK
-    for start in range(0, len(view), step):
-        chunk = view[start : start + step]
-        if pace is not None:
-            bucket, unit = pace
-            await bucket.take(len(chunk) if unit == "bytes" else bytes(chunk).count(b"\n"))
-        yield chunk
-
-
-async def copy_rows(conn: asyncpg.Connection, statement: str, data: bytes | bytearray, pace: tuple[TokenBucket, str] | None = None) -> int:
-    """Run `statement`, a simple query ending in COPY ... FROM STDIN, with raw CSV bytes; the
-    number of rows the server took.
-
-    asyncpg's public copy_to_table writes the COPY statement itself; its `_copy_in` (stable
-    since asyncpg 0.10) takes ours, so statements can ride in the same message before the
-    COPY (a savepoint's move while isolating bad rows: one round trip less per piece). Like
-    copy_to_table, it sends the data without waiting for the server's CopyInResponse."""
-    # A small piece (isolating bad rows) goes as one message, without an async generator.
-    small = pace is None and len(data) <= SEND_CHUNK
-    source = memoryview(data) if small else _chunks(data, pace)  # not bytes: asyncpg takes bytes for a path
-    status = await conn._copy_in(statement, source, None)
-    return int(status.rsplit(" ", 1)[1])
-
-
-async def check_copy(conn: asyncpg.Connection, target: Target, columns: Sequence[str], dialect: CsvDialect) -> None:
-    """COPY nothing in a rolled-back transaction: the table, the columns, the options and the
-    privileges are all checked before the first batch, so mistakes exit 2 at once."""
-    try:
-        async with conn.transaction():
-            await copy_rows(conn, copy_statement(target, columns, dialect), b"")
-            raise _Rollback
-    except _Rollback:
-        pass
-    except asyncpg.PostgresError as exc:
-        if is_transient(exc):
-            raise
-        raise UsageError(f"cannot load into {target.display}: {server_message(exc)}") from None
 
 
 @contextlib.asynccontextmanager
@@ -320,7 +83,7 @@ class Sink:
         load_id: str,
         retry: RetryPolicy,
         on_retry: Callable[[BaseException], None] | None = None,
-        pace: tuple[TokenBucket, str] | None = None,
+        pace: Pace | None = None,
         before_commit: BeforeCommit = _nothing_before_commit,
     ) -> None:
         self._pool = pool
@@ -335,7 +98,7 @@ class Sink:
         self._before_commit = before_commit  # the last word on a batch: raising rolls it back
         self._begin = sql.begin_batch(target.schema, target.name, lockable=target.relkind != "f")
         self._newline = dialect.newline.encode()
-        self._copy_statement = copy_statement(target, columns, dialect)
+        self._copy_statement = copy_statement(target.schema, target.name, columns, dialect)
         self.copies = 0  # COPY statements sent, for the report and the fast-path test
         self._error_rate = ErrorRate()  # bad rows among those isolated so far: sizes the pieces
 
@@ -460,7 +223,3 @@ class Sink:
             await self._ledger.record_rejects(conn, self._load_id, batch.number, loaded, rejects)
             await self._before_commit(batch)
             return Outcome(loaded, len(rejects), rejects)
-
-
-class _Rollback(Exception):
-    pass

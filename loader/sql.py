@@ -100,7 +100,7 @@ VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)
 
 # The latest load of a key, to resume, verify, or start anew.
 LATEST_LOAD = """
-SELECT load_id, state, source_size, source_mtime, started_at, finished_at, runs
+SELECT load_id, state, source_size, source_mtime, started_at, finished_at, runs, boundaries::text AS boundaries
   FROM {schema}.loads WHERE load_key = $1 ORDER BY started_at DESC LIMIT 1
 """
 
@@ -109,8 +109,6 @@ UPDATE {schema}.loads SET state = 'running', runs = runs + 1, finished_at = NULL
        source_size = $2, source_mtime = $3
  WHERE load_id = $1
 """
-
-LOAD_BOUNDARIES = "SELECT boundaries FROM {schema}.loads WHERE load_id = $1"
 
 COUNT_REJECTS = "SELECT count(*) FROM {schema}.rejects WHERE load_id = $1"
 

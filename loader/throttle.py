@@ -1,6 +1,6 @@
-"""How fast, and how many at once: a token bucket for --max-rate, and the concurrency
-controller behind --workers auto. Both are small and pure (time and sleep are injected),
-so they are tested by feeding them numbers."""
+"""How fast, and how many at once: a token bucket and the pace of --max-rate over it, and the
+concurrency controller behind --workers auto. All are small and pure (time and sleep are
+injected), so they are tested by feeding them numbers."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 class TokenBucket:
@@ -38,6 +39,17 @@ class TokenBucket:
         self._tokens -= amount
         if self._tokens < 0:
             await self._sleep(-self._tokens / self.rate)
+
+
+@dataclass(frozen=True)
+class Pace:
+    """--max-rate on the wire: each chunk of COPY data waits for its rows (newlines) or bytes."""
+
+    bucket: TokenBucket
+    unit: Literal["rows", "bytes"]
+
+    async def take(self, chunk: memoryview) -> None:
+        await self.bucket.take(len(chunk) if self.unit == "bytes" else bytes(chunk).count(b"\n"))
 
 
 @dataclass

@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loader.batching import Batch, Batcher, parse_header
-from loader.isolate import split_records
 from loader.options import CsvDialect
+from loader.records import split_records
 from loader.source import Source
 
 # When a property fails, Hypothesis's pytest plugin imports libcst to write a patch file, and
@@ -59,8 +59,9 @@ def cut(
     batch_bytes: int = NO_BYTE_LIMIT,
     read_size: int = 4096,
 ) -> tuple[bytes | None, list[Batch]]:
-    """The header record (when the dialect has one) and all batches of `data`, each handed
-    back as done (so its buffer is reused) once a copy of it is kept, as the pipeline does."""
+    """The header record (when the dialect has one) and all batches of `data`, each given
+    back to the buffer pool (so its buffer is reused) once a copy of it is kept, as the
+    pipeline does."""
     source = source_of(data)
     try:
         batcher = Batcher(source, dialect, batch_rows, batch_bytes, read_size=read_size)
@@ -68,7 +69,7 @@ def cut(
         batches = []
         for batch in batcher:
             batches.append(dataclasses.replace(batch, data=bytes(batch.data)))
-            batcher.done(batch)
+            batcher.buffers.give_back(batch)
         return taken, batches
     finally:
         source.close()
@@ -587,13 +588,13 @@ def test_the_fast_cutter_cuts_exactly_where_the_line_by_line_cutter_does(
     assert cut_with(True) == cut_with(False)
 
 
-def test_a_batch_handed_back_as_done_lends_its_buffer_to_a_later_batch() -> None:
+def test_a_batch_given_back_lends_its_buffer_to_a_later_batch() -> None:
     data = b"".join(b"%d,some text\n" % i for i in range(1000))
     batcher = Batcher(source_of(data), CsvDialect(header=False), batch_rows=10**6, batch_bytes=1024, read_size=64)
     batches = iter(batcher)
     first = next(batches)
     buffer, first_bytes = first.data, bytes(first.data)
-    batcher.done(first)
+    batcher.buffers.give_back(first)
     second = next(batches)
     assert second.data is buffer
     assert first_bytes + bytes(second.data) == data[: len(first_bytes) + len(second.data)]

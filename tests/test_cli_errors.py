@@ -144,6 +144,7 @@ BAD_VALUES = [
     ("logs progress every nan", ["--log-interval", "nan"], "--log-interval must be a finite number of seconds"),
     ("allows records of 100 bytes", ["--max-record-bytes", "100"], "--max-record-bytes must be at least 1024"),
     ("allows records PostgreSQL cannot take", ["--max-record-bytes", str(1 << 30)], "--max-record-bytes must be at most 1073741823"),
+    ("names the load with blanks", ["--load-name", " "], "--load-name cannot be empty"),
 ]
 
 
@@ -171,6 +172,32 @@ def test_max_record_bytes_comes_from_the_command_line_or_the_environment(ready: 
     run = ready.loader("retry-rejects", "fixed.csv", "-t", "t", "--max-record-bytes", "10")
     assert run.code == 2 and "--max-record-bytes must be at least 1024" in one_error_line(run.stderr)
     assert ready.value("SELECT count(*) FROM t") == 2
+
+
+def test_retry_rejects_takes_the_options_of_import_but_naming_the_load_and_progress() -> None:
+    """`retry-rejects` is a load like `import`: the same options, defaults and environment
+    variables, but --load-name (the load is named after the rejects file) and --log-interval
+    (it shows no progress)."""
+    from typer.main import get_command
+
+    from loader.cli import app
+
+    commands = get_command(app).commands  # type: ignore[attr-defined]
+
+    def options(name: str) -> dict[str, tuple[object, object]]:
+        return {o: (p.default, p.envvar) for p in commands[name].params for o in (*p.opts, *p.secondary_opts) if o.startswith("--")}
+
+    imported, retried = options("import"), options("retry-rejects")
+    assert set(imported) - set(retried) == {"--load-name", "--load-id", "--log-interval"}
+    assert {o: imported[o] for o in retried} == retried
+
+
+def test_retry_rejects_takes_workers_auto_and_max_workers(ready: Db, tmp_path: Path) -> None:
+    (tmp_path / "fixed.csv").write_text("line,sqlstate,message,record\n1,,header,\"id,name\"\n2,22P02,bad,\"2,bob\"\n")
+    run = ready.loader("retry-rejects", "fixed.csv", "-t", "t", "--workers", "auto", "--max-workers", "2", "--json")
+    assert run.code == 0, run.stderr
+    assert run.json()["rows_loaded"] == 1
+    assert ready.value("SELECT count(*) FROM t") == 1
 
 
 @pytest.mark.parametrize("limit", ["0", "-1"])

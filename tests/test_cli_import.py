@@ -170,3 +170,21 @@ def test_an_empty_file_loads_nothing_and_succeeds(db: Db, tmp_path: Path) -> Non
         run = db.loader("import", str(path), "-t", "t", "--json")
         assert run.code == 0, run.stderr
         assert run.json()["rows_read"] == 0
+
+
+def test_load_name_and_its_older_spelling_load_id_name_the_same_load(db: Db, tmp_path: Path) -> None:
+    """--load-name names a load, so that a run from stdin is recognised again; --load-id and
+    LOADER_LOAD_ID, its first spelling, still name the same load (existing crontabs)."""
+    make_events(db, "events")
+    data = write_csv(tmp_path / "e.csv", event_rows(1000), EVENTS_HEADER).read_bytes()
+    command = ("import", "-", "-t", "events", "--json")
+    runs = [
+        db.loader(*command, "--load-name", "nightly", input=data),
+        db.loader(*command, "--load-id", "nightly", input=data),
+        db.loader(*command, input=data, env={"LOADER_LOAD_NAME": "nightly"}),
+        db.loader(*command, input=data, env={"LOADER_LOAD_ID": "nightly"}),
+    ]
+    assert [r.code for r in runs] == [0, 0, 0, 0], [r.stderr for r in runs]
+    assert len({r.json()["load_id"] for r in runs}) == 1
+    assert [r.json()["rows_loaded"] for r in runs] == [1000, 0, 0, 0]
+    assert db.value("SELECT count(*) FROM events") == 1000

@@ -1,0 +1,132 @@
+"""Connecting to PostgreSQL: where (the DSN), how (session settings, retries), the pool, and
+what messages may say about it (never the password).
+
+This is the one place where asyncpg's exceptions about connecting become the loader's own
+errors.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from .errors import LoaderError, UsageError, is_transient, server_message
+from .options import ConnectOptions
+from .retry import retrying
+
+T = TypeVar("T")
+
+
+def resolve_dsn(dsn: str | None) -> str | None:
+    """--dsn, else $DATABASE_URL, else None (asyncpg then reads PG* variables and .pgpass)."""
+    return dsn or os.environ.get("DATABASE_URL") or None
+
+
+def describe_server(dsn: str | None) -> str:
+    """Where we connect, for messages: host, port and database, never the password."""
+    if dsn and "://" in dsn:
+        parts = urlsplit(dsn)
+        host = parts.hostname or os.environ.get("PGHOST", "localhost")
+        try:
+            port = parts.port or os.environ.get("PGPORT", 5432)
+        except ValueError:
+            port = "?"
+        database = parts.path.lstrip("/") or os.environ.get("PGDATABASE", "")
+    else:
+        host = os.environ.get("PGHOST", "localhost")
+        port = os.environ.get("PGPORT", 5432)
+        database = os.environ.get("PGDATABASE", "")
+    return f"{host}:{port}/{database}" if database else f"{host}:{port}"
+
+
+def redact(text: str, dsn: str | None) -> str:
+    """Remove the DSN's password from a message, wherever a library may have echoed it."""
+    if dsn and "://" in dsn:
+        try:
+            password = urlsplit(dsn).password
+        except ValueError:
+            password = None
+        if password:
+            text = text.replace(password, "****")
+    return text
+
+
+async def _connecting(options: ConnectOptions, connect: Callable[[str | None], Awaitable[T]], on_retry: Callable[[BaseException], None] | None) -> T:
+    """Run `connect` with the load's retry policy; failures become one clear LoaderError."""
+    dsn = resolve_dsn(options.dsn)
+    server = describe_server(dsn)
+    try:
+        async for attempt in retrying(options.retry, on_retry):
+            with attempt:
+                return await connect(dsn)
+    except asyncpg.InvalidAuthorizationSpecificationError as exc:
+        raise UsageError(f"cannot log in to {server}: {redact(server_message(exc), dsn)}") from None
+    except asyncpg.InvalidCatalogNameError as exc:
+        raise UsageError(f"cannot connect to {server}: {redact(server_message(exc), dsn)}") from None
+    except (asyncpg.exceptions.ClientConfigurationError, ValueError) as exc:
+        raise UsageError(f"invalid connection settings: {redact(str(exc), dsn)}") from None
+    except Exception as exc:
+        reason = redact(" ".join(str(exc).split()) or type(exc).__name__, dsn)
+        if is_transient(exc):
+            raise LoaderError(
+                f"cannot connect to PostgreSQL at {server} after {options.retry.attempts} attempts: {reason}"
+            ) from None
+        raise LoaderError(f"cannot connect to PostgreSQL at {server}: {reason}") from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _settings(options: ConnectOptions, application_name: str | None = None) -> dict[str, str]:
+    settings = {"application_name": application_name or options.application_name}
+    if options.statement_timeout is not None:
+        settings["statement_timeout"] = f"{max(1, round(options.statement_timeout * 1000))}ms"
+    if options.lock_timeout is not None:
+        settings["lock_timeout"] = f"{max(1, round(options.lock_timeout * 1000))}ms"
+    return settings
+
+
+async def open_pool(
+    options: ConnectOptions,
+    size: int,
+    application_name: str,
+    on_retry: Callable[[BaseException], None] | None = None,
+    lazy: bool = False,
+) -> asyncpg.Pool:
+    """A pool of at most `size` connections (all opened now unless `lazy`); transient failures
+    are retried, the rest explained. Idle connections of a lazy pool close after 10 s, so a
+    load that lowers its concurrency gives connections back."""
+
+    async def create(dsn: str | None) -> asyncpg.Pool:
+        return await asyncpg.create_pool(
+            dsn,
+            min_size=1 if lazy else size,
+            max_size=size,
+            max_inactive_connection_lifetime=10.0 if lazy else 300.0,
+            timeout=15,
+            # A batch's commit need not wait for its WAL to reach the disk: the batch's rows and
+            # its ledger row are lost together or kept together, and the load's last commit
+            # (synchronous, on its own session) makes them all durable before it reports
+            # success, after checking that none was lost (see pipeline._Load.run).
+            server_settings={**_settings(options, application_name), "synchronous_commit": "off"},
+            reset=_nothing_to_reset,
+        )
+
+    return await _connecting(options, create, on_retry)
+
+
+async def _nothing_to_reset(conn: asyncpg.Connection) -> None:
+    """Pool connections only ever run batch transactions (which asyncpg rolls back if left
+    open): no session state, no advisory locks, no LISTEN to undo. asyncpg's default reset
+    would cost a round trip per batch."""
+
+
+async def connect(options: ConnectOptions, on_retry: Callable[[BaseException], None] | None = None) -> asyncpg.Connection:
+    """One connection outside the pool: it holds the table's lock for the whole load."""
+
+    async def create(dsn: str | None) -> asyncpg.Connection:
+        return await asyncpg.connect(dsn, timeout=15, server_settings=_settings(options))
+
+    return await _connecting(options, create, on_retry)

@@ -1,0 +1,72 @@
+"""COPY on the wire: the statement, the CSV bytes sent in chunks (paced by --max-rate), and
+which record the server blamed. The one module that touches asyncpg's private `_copy_in`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Sequence
+
+import asyncpg
+
+from . import sql
+from .options import CsvDialect
+from .throttle import Pace
+
+SEND_CHUNK = 256 * 1024
+PACE_CHUNK = 64 * 1024
+
+_COPY_LINE = re.compile(r"\bline (\d+)")
+
+
+def copy_options(dialect: CsvDialect) -> dict[str, str]:
+    """COPY's options for the dialect; HEADER is never sent (the loader takes the header off)."""
+    options = {
+        "format": "csv",
+        "delimiter": dialect.delimiter,
+        "quote": dialect.quote,
+        "null": dialect.null,
+        "encoding": dialect.pg_encoding,
+    }
+    if dialect.escape is not None:
+        options["escape"] = dialect.escape
+    return options
+
+
+def copy_statement(schema: str, table: str, columns: Sequence[str], dialect: CsvDialect) -> str:
+    return sql.copy_from_stdin(schema, table, columns, copy_options(dialect))
+
+
+async def _chunks(data: bytes | bytearray, pace: Pace | None) -> AsyncIterator[memoryview]:
+    """The batch in slices that fit the CPU's cache: asyncpg copies each into a message of
+    that size, where one message for the whole batch would be fresh memory (page faults)
+    every time. With --max-rate, each slice waits for its pace: a smooth one."""
+    view = memoryview(data)
+    step = SEND_CHUNK if pace is None else PACE_CHUNK
+    for start in range(0, len(view), step):
+        chunk = view[start : start + step]
+        if pace is not None:
+            await pace.take(chunk)
+        yield chunk
+
+
+async def copy_rows(conn: asyncpg.Connection, statement: str, data: bytes | bytearray, pace: Pace | None = None) -> int:
+    """Run `statement`, a simple query ending in COPY ... FROM STDIN, with raw CSV bytes; the
+    number of rows the server took.
+
+    asyncpg's public copy_to_table writes the COPY statement itself; its `_copy_in` (stable
+    since asyncpg 0.10) takes ours, so statements can ride in the same message before the
+    COPY (a savepoint's move while isolating bad rows: one round trip less per piece). Like
+    copy_to_table, it sends the data without waiting for the server's CopyInResponse."""
+    # A small piece (isolating bad rows) goes as one message, without an async generator.
+    small = pace is None and len(data) <= SEND_CHUNK
+    source = memoryview(data) if small else _chunks(data, pace)  # not bytes: asyncpg takes bytes for a path
+    status = await conn._copy_in(statement, source, None)
+    return int(status.rsplit(" ", 1)[1])
+
+
+
+def copy_line(exc: BaseException) -> int | None:
+    """The 1-based record number within a COPY that the server blamed, from the error context."""
+    match = _COPY_LINE.search(getattr(exc, "context", None) or "")
+    return int(match.group(1)) if match else None
