@@ -4,8 +4,9 @@ which record the server blamed. The one module that touches asyncpg's private `_
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 
 import asyncpg
 
@@ -59,11 +60,33 @@ async def copy_rows(conn: asyncpg.Connection, statement: str, data: bytes | byte
     COPY (a savepoint's move while isolating bad rows: one round trip less per piece). Like
     copy_to_table, it sends the data without waiting for the server's CopyInResponse."""
     # A small piece (isolating bad rows) goes as one message, without an async generator.
-    small = pace is None and len(data) <= SEND_CHUNK
-    source = memoryview(data) if small else _chunks(data, pace)  # not bytes: asyncpg takes bytes for a path
-    status = await conn._copy_in(statement, source, None)
+    if pace is None and len(data) <= SEND_CHUNK:  # a memoryview: asyncpg takes bytes for a path
+        status = await conn._copy_in(statement, memoryview(data), None)
+    else:
+        status = await _unless_lost(conn, conn._copy_in(statement, _chunks(data, pace), None))
     return int(status.rsplit(" ", 1)[1])
 
+
+async def _unless_lost(conn: asyncpg.Connection, copy: Awaitable[str]) -> str:
+    """A COPY sent in chunks waits for a full socket to drain, and asyncpg never wakes that
+    wait when the connection ends: the load would hang. Ended, it is a lost connection."""
+    task = asyncio.ensure_future(copy)
+    lost = False
+
+    def on_lost(_conn: object) -> None:
+        nonlocal lost
+        lost = True
+        task.cancel()
+
+    conn.add_termination_listener(on_lost)
+    try:
+        return await task
+    except (Exception, asyncio.CancelledError) as exc:
+        if lost:
+            raise asyncpg.exceptions.ConnectionDoesNotExistError("the connection was closed in the middle of a COPY") from exc
+        raise
+    finally:
+        conn.remove_termination_listener(on_lost)
 
 
 def copy_line(exc: BaseException) -> int | None:

@@ -82,6 +82,12 @@ _TRANSIENT_PREFIXES = (SERVER_UNAVAILABLE, QUERY_CANCELED, LOCK_NOT_AVAILABLE)
 _DATA_CLASSES = (DATA_EXCEPTION, INTEGRITY_CONSTRAINT_VIOLATION)
 
 
+class ConnectionLost(Exception):
+    """asyncpg failed on a connection the server or the network had closed (its client-side
+    errors, e.g. "cannot switch to state 15; another operation (2) is in progress", after a
+    FATAL read while idle): transient, like any lost connection. See sink._connection."""
+
+
 class MisreadRecords(Exception):
     """PostgreSQL took another number of rows from a COPY than it was sent records: a line
     holding only \\. (COPY's end-of-data marker until PostgreSQL 18), or a line break that
@@ -108,10 +114,11 @@ def is_transient(exc: BaseException) -> bool:
         (
             OSError,
             asyncio.TimeoutError,
+            ConnectionLost,
             asyncpg.exceptions.ConnectionDoesNotExistError,
             asyncpg.exceptions.InterfaceError,
         ),
-    ) and not isinstance(exc, asyncpg.exceptions.ClientConfigurationError)
+    ) and not isinstance(exc, (asyncpg.exceptions.ClientConfigurationError, asyncpg.exceptions.DataError))
 
 
 def is_data_error(exc: BaseException) -> bool:

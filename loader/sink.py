@@ -18,6 +18,7 @@ from . import sql
 from .batching import Batch
 from .copywire import copy_line, copy_rows, copy_statement
 from .errors import (
+    ConnectionLost,
     LoaderError,
     MisreadRecords,
     TableReplaced,
@@ -48,6 +49,31 @@ class Outcome:
 
 
 @contextlib.asynccontextmanager
+async def _connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """A pooled connection for one attempt at a batch. When the server ends a connection just
+    as a COPY completes, asyncpg reads the FATAL while idle and its next call fails on the
+    client ("cannot switch to state 15; another operation (2) is in progress"), and the
+    release races the connection's end: on a connection found closed once released, those
+    errors are ConnectionLost (transient: the claim makes the retry safe); on a live one
+    they are bugs, raised as they are."""
+    conn = await pool.acquire()
+    raw: asyncpg.Connection = conn._con  # the proxy forgets it once released
+    completed = False
+    try:
+        try:
+            yield conn
+            completed = True
+        finally:
+            await pool.release(conn)
+    except (asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError) as exc:
+        if not raw.is_closed():
+            raise
+        if not completed:
+            raise ConnectionLost(f"the connection to the server was lost ({type(exc).__name__}: {exc})") from exc
+        # committed: only giving the dead connection back failed (the pool has dropped it)
+
+
+@contextlib.asynccontextmanager
 async def _transaction(conn: asyncpg.Connection, begin: str) -> AsyncIterator[None]:
     """One batch's transaction: committed when the block ends, rolled back when it raises
     (where the connection still can; a broken one is dropped by the pool, and the server
@@ -56,8 +82,8 @@ async def _transaction(conn: asyncpg.Connection, begin: str) -> AsyncIterator[No
         await conn.execute(begin)
         yield
     except BaseException:
-        if not conn.is_closed() and conn.is_in_transaction():
-            with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # a lost connection's proxy raises even for is_closed()
+            if not conn.is_closed() and conn.is_in_transaction():
                 await conn.execute("ROLLBACK")
         raise
     await conn.execute("COMMIT")
@@ -180,7 +206,7 @@ class Sink:
         return Outcome(done["rows_loaded"], done["rows_rejected"], [], already=True)
 
     async def _load_fast(self, batch: Batch) -> Outcome:
-        async with self._pool.acquire() as conn, _transaction(conn, self._begin):
+        async with _connection(self._pool) as conn, _transaction(conn, self._begin):
             done = await self._claim(conn, batch)
             if done is not None:
                 return done
@@ -191,7 +217,7 @@ class Sink:
             return Outcome(rows, 0, [])
 
     async def _load_isolating(self, batch: Batch, refusal: BaseException | None) -> Outcome:
-        async with self._pool.acquire() as conn, _transaction(conn, self._begin):
+        async with _connection(self._pool) as conn, _transaction(conn, self._begin):
             done = await self._claim(conn, batch)
             if done is not None:
                 return done
