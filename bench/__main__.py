@@ -29,7 +29,7 @@ import asyncpg
 
 import loader
 from bench.generate import TABLE_DDL, write
-from loader.devserver import pg_binary, start_server
+from devserver import pg_binary, start_server
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"

@@ -1,7 +1,7 @@
 """Load a generated sample CSV into a real PostgreSQL with the real CLI, and print its summary.
 
 Server: $DATABASE_URL if set; else docker compose if a Docker engine answers; else a
-throwaway local cluster (loader.devserver), removed at the end.
+throwaway local cluster (devserver.py), removed at the end.
 
 The server may be the user's own: the demo creates a schema of its own (loader_demo_<8 hex>,
 never an existing one) and puts everything in it, the example table and the load ledger,
@@ -24,9 +24,11 @@ from pathlib import Path
 
 import asyncpg
 
-from loader.devserver import start_server
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # devserver.py lives at the repository root, outside the package
+
+from devserver import start_server  # noqa: E402
+
 ROWS = 200_000
 _EXAMPLE_TABLE = re.compile(r"\bpublic\.events\b")
 COMPOSE_DSN = "postgresql://loader:loader@127.0.0.1:5432/loader"

@@ -68,3 +68,21 @@ def event_rows(n: int, seed: int = 7, start: int = 1) -> list[tuple[object, ...]
             )
         )
     return rows
+
+
+# An id,name table for plain_csv's files, and one whose inserts cost a plpgsql call per row
+# (a load of it takes seconds, not a blink).
+PLAIN_EVENTS = "CREATE TABLE {name} (id bigint, name text)"
+SLOW_EVENTS = """
+CREATE TABLE {name} (id bigint, name text);
+CREATE FUNCTION {name}_slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;
+CREATE TRIGGER slow BEFORE INSERT ON {name} FOR EACH ROW EXECUTE FUNCTION {name}_slow();
+"""
+
+
+def plain_csv(path: Path, rows: int, start: int = 1) -> Path:
+    """id,name rows without quotes or embedded newlines: one record per line."""
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write("id,name\n")
+        fh.writelines(f"{i},name {i}\n" for i in range(start, start + rows))
+    return path

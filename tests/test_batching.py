@@ -486,21 +486,21 @@ def test_a_utf8_bom_is_stripped_and_still_counted_in_offsets() -> None:
 
 
 def test_without_a_header_the_first_batch_offset_still_counts_the_stripped_bom() -> None:
-    # BUG: Batcher.__iter__ takes its start offset before the first read strips the BOM.
+    """Offsets are the file's: the stripped byte order mark still counts."""
     _, batches = cut(BOM + b"1\n", CsvDialect(header=False))
-    assert [(b.data, b.offset) for b in batches] == [(b"1\n", 3)]  # got offset 0
+    assert [(b.data, b.offset) for b in batches] == [(b"1\n", 3)]
 
 
 def test_a_bom_is_stripped_even_when_the_first_read_is_shorter_than_it() -> None:
-    # BUG: only a first block that starts with all three BOM bytes is stripped.
+    """The byte order mark is stripped however the reads cut it."""
     header, batches = cut(BOM + b"h\n1\n", CsvDialect(), read_size=2)
-    assert (header, [b.data for b in batches]) == (b"h", [b"1\n"])  # got header b"\xef\xbb\xbfh"
+    assert (header, [b.data for b in batches]) == (b"h", [b"1\n"])
 
 
 def test_a_first_read_of_exactly_the_bom_is_not_taken_for_the_end_of_the_file() -> None:
-    # BUG: the first block, emptied by stripping the BOM, looks like end of file: the rest is lost.
+    """A first read that is only the byte order mark is not the end of the file."""
     header, batches = cut(BOM + b"h\n1\n", CsvDialect(), read_size=3)
-    assert (header, [b.data for b in batches]) == (b"h", [b"1\n"])  # got (None, [])
+    assert (header, [b.data for b in batches]) == (b"h", [b"1\n"])
 
 
 def test_a_bom_is_data_when_the_file_is_not_utf8() -> None:
@@ -537,10 +537,9 @@ def test_an_unterminated_quote_at_end_of_file_is_one_last_record() -> None:
 
 
 def test_an_unterminated_quote_ending_in_a_newline_spans_only_its_own_lines() -> None:
-    # BUG: the open record at end of file is counted tail.count(b"\n") + 1 lines even when
-    # the tail ends with a newline, so last_line points past the end of the file.
+    """An open record that ends with a line break spans its own lines, not one past the end."""
     _, batches = cut(b'1,"open\n', CsvDialect(header=False))
-    assert [(b.data, b.rows, b.first_line, b.lines) for b in batches] == [(b'1,"open\n', 1, 1, 1)]  # got lines 2
+    assert [(b.data, b.rows, b.first_line, b.lines) for b in batches] == [(b'1,"open\n', 1, 1, 1)]
 
 
 def test_a_record_larger_than_batch_bytes_travels_alone() -> None:

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, Db
+import pytest
+
+from helpers import REPO, Db
 
 
+@pytest.mark.slow
 def test_bench_runs_end_to_end_and_verifies_every_load(db: Db, tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     proc = subprocess.run(

@@ -10,9 +10,9 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-from conftest import Db
 
-from loader.devserver import PASSWORD, PASSWORD_USER
+from devserver import PASSWORD, PASSWORD_USER
+from helpers import Db
 from loader.errors import UsageError
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
-from conftest import Db
 from data import EVENTS_DDL, EVENTS_HEADER, event_rows, write_csv
+from helpers import Db
 
 
 def make_events(db: Db, *names: str) -> None:

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO, Db
+from helpers import REPO, Db
 
 
 def test_demo_leaves_the_users_database_as_it_was_but_for_its_own_schema(db: Db) -> None:

@@ -10,17 +10,15 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from conftest import REPO, Db, Run, until
 from data import EVENTS_HEADER, event_rows, write_csv
-
-from loader.devserver import pg_binary
+from devserver import pg_binary
+from helpers import REPO, Db, Run, committed_batches, until
 
 ROLE = "ledger_etl"
 ROLE_PASSWORD = "etl-Pw-271"
@@ -79,25 +77,6 @@ def role(db: Db) -> str:
     )
     db.sql(f"ALTER ROLE {ROLE} NOSUPERUSER NOCREATEDB NOCREATEROLE LOGIN PASSWORD '{ROLE_PASSWORD}'")
     return ROLE
-
-
-@pytest.fixture
-def spawned(db: Db) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Loader processes a test starts: killed and reaped at its end, whatever happened."""
-    procs: list[subprocess.Popen[bytes]] = []
-    yield procs
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
-
-
-def committed_batches(db: Db, load_id: str | None = None) -> int:
-    if db.value("SELECT to_regclass('loader.batches')") is None:
-        return 0
-    if load_id is None:
-        return int(db.value("SELECT count(*) FROM loader.batches"))
-    return int(db.value("SELECT count(*) FROM loader.batches WHERE load_id = $1", load_id))
 
 
 def kill_9(proc: subprocess.Popen[bytes]) -> None:
@@ -182,14 +161,13 @@ def test_grants_sql_quotes_the_role_and_the_schema(db: Db, tmp_path: Path) -> No
     assert db.value("SELECT count(*) FROM t") == 2
 
 
-def test_status_needs_only_to_read_the_ledger(db: Db, tmp_path: Path, role: str, spawned: list[Any]) -> None:
+def test_status_needs_only_to_read_the_ledger(db: Db, tmp_path: Path, role: str) -> None:
     """USAGE on the ledger's schema and SELECT on loads and batches are enough for `status`,
     also for loads into tables the role cannot see; `import` still asks for the rest."""
     db.sql("CREATE SCHEMA hidden")
     db.script(PACED_EVENTS.format(table="hidden.events"))
     csv = write_csv(tmp_path / "e.csv", event_rows(20 * BATCH), EVENTS_HEADER)
     proc = db.spawn("import", str(csv), "-t", "hidden.events", "--workers", "1", "--batch-size", str(BATCH))
-    spawned.append(proc)
     until(lambda: committed_batches(db) >= 2)
     kill_9(proc)
 
@@ -213,8 +191,9 @@ def test_status_needs_only_to_read_the_ledger(db: Db, tmp_path: Path, role: str,
 # --- what status says -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_status_shows_a_running_load_with_its_committed_rows_and_a_killed_one_as_interrupted(
-    db: Db, tmp_path: Path, spawned: list[Any]
+    db: Db, tmp_path: Path
 ) -> None:
     """While a load runs, status shows it `running` with the rows of its committed batches; once
     its process is killed (kill -9) it shows `interrupted`, with the rows it committed, even
@@ -227,7 +206,6 @@ def test_status_shows_a_running_load_with_its_committed_rows_and_a_killed_one_as
     command = ("-t", "events", "--workers", "1", "--batch-size", str(BATCH))
 
     proc = db.spawn("import", str(first), *command)
-    spawned.append(proc)
     until(lambda: committed_batches(db) >= 3)
     [running] = status(db)
     assert proc.poll() is None, "the load ended before status was read"
@@ -240,7 +218,6 @@ def test_status_shows_a_running_load_with_its_committed_rows_and_a_killed_one_as
     assert killed["rows_loaded"] == db.value("SELECT count(*) FROM events") > running["rows_loaded"] - 1
 
     other = db.spawn("import", str(second), *command)
-    spawned.append(other)
     until(lambda: db.value("SELECT count(*) FROM events") > killed["rows_loaded"] + BATCH)
     newer, older = status(db)
     assert other.poll() is None, "the second load ended before status was read"

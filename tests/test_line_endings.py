@@ -7,9 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import Db
 
-from test_differential import read_rejects
+from helpers import Db, read_rejects
 
 
 def load(db: Db, path: Path, *args: str) -> tuple[int, dict[str, object], str]:

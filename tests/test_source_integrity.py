@@ -9,8 +9,9 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import Db, until
+
 from data import EVENTS_HEADER, event_rows, write_csv
+from helpers import Db, committed_batches, until
 
 SLOW_EVENTS = """
 CREATE TABLE events (id bigint, name text, note text, amount numeric, at timestamptz, flag boolean);
@@ -19,19 +20,9 @@ CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_s
 CREATE TRIGGER slow BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION slow();
 """
 
-COMMITTED = "SELECT count(*) FROM loader.batches"
-
-
-def committed(db: Db) -> int:
-    try:
-        return int(db.value(COMMITTED))
-    except Exception:  # noqa: BLE001 - the ledger is created by the load itself
-        return 0
-
-
 def start_slow_load(db: Db, path: Path, *args: str):  # type: ignore[no-untyped-def]
     proc = db.spawn("import", str(path), "-t", "events", "--workers", "2", "--batch-size", "1000", "--json", *args)
-    until(lambda: committed(db) >= 2 or proc.poll() is not None, timeout=120)
+    until(lambda: committed_batches(db) >= 2 or proc.poll() is not None, timeout=120)
     assert proc.poll() is None, "the load finished before the file could be changed"
     return proc
 
@@ -56,6 +47,7 @@ def test_a_file_cut_short_while_it_is_read_is_not_reported_as_loaded(db: Db, tmp
     assert states(db) == ["interrupted"]
 
 
+@pytest.mark.slow
 def test_a_file_appended_to_while_it_is_read_resumes_exactly_once_complete(db: Db, tmp_path: Path) -> None:
     """A source still being written is not a success: exit 75, no half-written line loaded;
     the next run, once the file is complete, loads the rest, each row exactly once."""
@@ -115,6 +107,7 @@ def test_a_whole_gzip_file_still_loads(db: Db, tmp_path: Path) -> None:
     assert db.value("SELECT count(*) FROM events") == 40_000
 
 
+@pytest.mark.slow
 def test_a_table_replaced_under_a_running_load_gets_no_rows_of_it(db: Db, tmp_path: Path) -> None:
     """A table dropped and created again under the same name mid-load: the load stops (exit 1)
     without a row in the new table; the next run loads the whole file into it, as a new load."""

@@ -1,4 +1,5 @@
-"""A throwaway PostgreSQL for the tests, the benchmark and the demo (not used by loads).
+"""A throwaway PostgreSQL for the tests, the benchmark and the demo; not part of the installed
+package (it trusts every local connection and makes a superuser with a known password).
 
 Where the server comes from, in order:
 1. testcontainers' PostgreSQL, when a Docker engine answers;
@@ -178,7 +179,7 @@ def start_server(settings: dict[str, str] | None = None, *, local_only: bool = F
 
 
 def main() -> None:
-    """`python -m loader.devserver`: start a throwaway server, print its DSN, stop on Enter/Ctrl-C."""
+    """`python devserver.py`: start a throwaway server, print its DSN, stop on Enter/Ctrl-C."""
     server = start_server(local_only=True)
     print(server.dsn, flush=True)
     try:
