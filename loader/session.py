@@ -13,9 +13,9 @@ from types import TracebackType
 import asyncpg
 
 from . import sql
+from .connect import connect
 from .ledger import lock_table
 from .options import LoadOptions
-from .connect import connect
 from .stop import unless_interrupted
 
 log = logging.getLogger("loader")
@@ -54,7 +54,16 @@ class ControlSession:
         return self._conn
 
     async def get(self) -> asyncpg.Connection:
-        """The connection, reconnected (and the lock taken back) if the server dropped it."""
+        """The connection, reconnected (and the lock taken back) if the server ended it. A
+        FATAL read while the connection was idle (a server restart) leaves it looking open,
+        and its next call fails on the client: a trivial query tells, and the failure closes
+        it. (Callers are sequential: the replica watcher while batches load, the end after.)"""
+        if not self.conn.is_closed():
+            try:
+                await self.conn.execute("SELECT 1")
+            except Exception:
+                if not self.conn.is_closed():
+                    raise
         if self.conn.is_closed():
             await self.reconnect()
         return self.conn

@@ -12,17 +12,17 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from helpers import Db
 
 import loader.sink as sink_module
+from helpers import Db
 from loader import CsvDialect, LoadOptions
 from loader.batching import Batcher
+from loader.connect import open_pool
 from loader.ledger import Ledger
 from loader.options import RetryPolicy
-from loader.connect import open_pool
 from loader.sink import Outcome, Sink
-from loader.target import resolve_target
 from loader.source import open_source
+from loader.target import resolve_target
 
 
 def terminate_blocking(dsn: str, pid: int, settle: float = 0.2) -> None:
