@@ -22,7 +22,7 @@ CREATE TABLE {name} (
 """
 
 HEADER = "id,created_at,user_id,amount,score,active,category,name,note,day\n"
-_WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
+_WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu", "nu", "xi", "omicron", "pi", "rho", "sigma", "tau"]
 _CATEGORIES = ["books", "music", "garden", "tools", "toys", "food, fresh", "sports", "home"]
 
 

@@ -252,9 +252,8 @@ class Batcher:
             scanned = len(self._tail)
             if scanned > self._max_record:
                 raise self._too_long(quote_open=odd == 1)
-            if not self._fill(scanned + self._read_size):
-                if len(self._tail) == scanned:
-                    return scanned
+            if not self._fill(scanned + self._read_size) and len(self._tail) == scanned:
+                return scanned
 
     def _next_buffer(self) -> tuple[bytearray, bytes]:
         """The tail and fresh bytes, up to `batch_bytes`, read straight into a buffer of their
@@ -327,7 +326,7 @@ class Batcher:
             view = memoryview(data)
             line_sums = list(itertools.accumulate(map(len, lines)))
 
-            def end_of(line_index: int) -> int:
+            def end_of(line_index: int, line_sums: list[int] = line_sums) -> int:
                 return line_sums[line_index] + line_index + 1  # just past its newline
 
             r, cur, cur_line = 0, 0, 0

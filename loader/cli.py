@@ -8,6 +8,7 @@ errors) goes through `logging`, as the library's messages do (see _setup_logging
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import ctypes
 import dataclasses
@@ -21,8 +22,8 @@ import time
 import typing
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from urllib.parse import urlsplit
 from typing import Annotated, Any, NoReturn, Optional
+from urllib.parse import urlsplit
 
 import typer
 from typer.exceptions import TyperException
@@ -332,7 +333,7 @@ def status_(
     cells = [[_cell(load[c]) for c in columns] for load in loads]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     for row in [list(columns), *cells]:
-        print("  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip())
+        print("  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip())
 
 
 def _cell(value: object) -> str:
@@ -407,10 +408,8 @@ def _return_big_buffers_to_the_os() -> None:
     frees, and then keeps freed batches in the heap, so peak RSS would grow with the number of
     batches ever alive rather than those alive at once. Fix the threshold at 1 MiB, as
     MALLOC_MMAP_THRESHOLD_ would (glibc only; elsewhere nothing to do)."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
@@ -433,7 +432,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         _fail("interrupted", EXIT_FATAL)
     except KeyboardInterrupt:
         _fail("interrupted", EXIT_FATAL)
-    except Exception as exc:  # noqa: BLE001 - the edge: one line, never a traceback
+    except Exception as exc:
         if os.environ.get("LOADER_DEBUG"):
             raise
         _fail(f"unexpected {type(exc).__name__}: {exc} (please report this)", EXIT_FATAL)

@@ -69,7 +69,7 @@ async def _connecting(options: ConnectOptions, connect: Callable[[str | None], A
         raise UsageError(f"cannot connect to {server}: {redact(server_message(exc), dsn)}") from None
     except (asyncpg.exceptions.ClientConfigurationError, ValueError) as exc:
         raise UsageError(f"invalid connection settings: {redact(str(exc), dsn)}") from None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any other failure to connect is one line, said once
         reason = redact(" ".join(str(exc).split()) or type(exc).__name__, dsn)
         if is_transient(exc):
             raise LoaderError(

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from .batching import Batch
 from .errors import BAD_COPY_FILE_FORMAT, MisreadRecords, is_data_error, server_message, sqlstate
 from .options import CsvDialect
-from .records import NO_RECORDS, Records, RecordSyntax, Run, find_copy_line, split_records
+from .records import NO_RECORDS, Bytes, Records, RecordSyntax, Run, find_copy_line, split_records
 from .rejects import Reject
 
 MIN_PIECE = 16
@@ -41,10 +41,10 @@ def _reject(records: Records, i: int, exc: BaseException) -> Reject:
 # Sends one COPY of the records in `data`, of which there are `records`: returns the rows
 # loaded, and raises MisreadRecords (in the savepoint, undone) when the server took another
 # number of rows, so that no record is ever counted as loaded but lost, or loaded twice.
-Copy = Callable[[bytes, int], Awaitable[int]]
+Copy = Callable[[Bytes, int], Awaitable[int]]
 
 
-def misread_message(data: bytes, rows: int, records: int) -> str:
+def misread_message(data: Bytes, rows: int, records: int) -> str:
     """Why a COPY took `rows` rows from `records` records."""
     if records == 1 and data.rstrip(b"\r\n") == b"\\.":
         return 'a line holding only \\. ends the data of a COPY, so PostgreSQL cannot load it (quote it: "\\.")'
@@ -151,7 +151,7 @@ async def isolate(
 
 def _locate(
     carry: Records,
-    data: bytes,
+    data: Bytes,
     start: int,
     end: int,
     line: int,

@@ -123,7 +123,7 @@ class Ledger:
     async def recent(self, conn: asyncpg.Connection, table: str | None, limit: int) -> list[asyncpg.Record]:
         """The latest loads, newest first, as status shows them (see sql.RECENT_LOADS)."""
         await self.check_privileges(conn, write=False)
-        return await conn.fetch(self._recent_sql, table, limit)
+        return list(await conn.fetch(self._recent_sql, table, limit))
 
     async def committed(self, conn: asyncpg.Connection, load_id: str, batch_no: int) -> asyncpg.Record | None:
         return await conn.fetchrow(self._committed_sql, load_id, batch_no)

@@ -46,7 +46,7 @@ def write(path: Path, table: str, exit_code: int, report: Report | None, duratio
     labels = f'{{table="{_label(table)}"}}'
     text = "".join(
         f"# HELP {name} {doc}\n# TYPE {name} {kind}\n{name}{labels} {value}\n"
-        for (name, kind, doc), value in zip(_METRICS, values)
+        for (name, kind, doc), value in zip(_METRICS, values, strict=True)
     )
     folder = path.parent if str(path.parent) else Path(".")
     try:

@@ -11,9 +11,10 @@ import os
 import re
 import stat
 import tempfile
-from datetime import datetime, timedelta
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 from .errors import UsageError
@@ -170,7 +171,7 @@ class CsvDialect:
 
     @property
     def ascii_compatible(self) -> bool:
-        return b"\n,\"" == "\n,\"".encode(self.python_encoding, errors="replace")
+        return "\n,\"".encode(self.python_encoding, errors="replace") == b"\n,\""
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,7 @@ class Rate:
     """A pace: so many rows, or bytes, per second."""
 
     amount: float
-    unit: str  # "rows" or "bytes"
+    unit: Literal["rows", "bytes"]
 
     def __str__(self) -> str:
         return f"{self.amount:g} {self.unit}/s"

@@ -23,6 +23,7 @@ import asyncpg
 from . import rejects as rejects_file
 from .batching import Batch, Batcher, parse_header
 from .concurrency import Concurrency
+from .connect import connect, open_pool
 from .errors import TOO_MANY_CONNECTIONS, Interrupted, LoaderError, SourceChanged, TryAgainLater, UsageError, sqlstate
 from .ledger import Ledger
 from .options import ConnectOptions, LoadOptions, check_writable
@@ -31,12 +32,11 @@ from .pressure import ReplicaLag, connection_budget, require_monitor
 from .rejects import Reject
 from .report import Report
 from .session import ControlSession
-from .connect import connect, open_pool
 from .sink import Sink
-from .target import Target, check_copy, resolve_target
 from .source import Source, open_source
 from .stop import Deadline, ReplicaWatch, Stop, Watcher, on_interrupt, unless_interrupted
 from .stream import ReadAhead, Stream
+from .target import Target, check_copy, resolve_target
 from .throttle import Pace, TokenBucket
 
 log = logging.getLogger("loader")
@@ -369,9 +369,8 @@ async def retry_rejects(rejects_path: str, options: LoadOptions, interrupt: asyn
     fd, tmp = tempfile.mkstemp(prefix="loader-retry-", suffix=".csv")
     try:
         with os.fdopen(fd, "wb") as out:
-            for line, record in ([(1, previous.header)] if options.dialect.header else []) + [
-                (r.line, r.record) for r in previous.rejects
-            ]:
+            header = [(1, previous.header)] if options.dialect.header and previous.header is not None else []
+            for line, record in header + [(r.line, r.record) for r in previous.rejects]:
                 out.write(record + b"\n")
                 lines.extend(line + i for i in range(record.count(b"\n") + 1))
         derived = dataclasses.replace(

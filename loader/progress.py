@@ -52,8 +52,7 @@ async def show(report: Report, interval: float, terminal: bool | None = None) ->
         transient=True,
     )
     task = bar.add_task(report.source, total=report.bytes_total, state="")
-    with bar:
-        with suppress(asyncio.CancelledError):
-            while True:
-                bar.update(task, completed=report.bytes_read, state=_state(report, started))
-                await asyncio.sleep(0.2)
+    with bar, suppress(asyncio.CancelledError):
+        while True:
+            bar.update(task, completed=report.bytes_read, state=_state(report, started))
+            await asyncio.sleep(0.2)

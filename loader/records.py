@@ -20,8 +20,11 @@ import operator
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from .options import CsvDialect
+
+Bytes = bytes | bytearray  # a batch's buffer, or slices of it
 
 _LINE_BREAK = re.compile(rb"[\r\n]")
 
@@ -223,7 +226,7 @@ def _ends_escaped(lines: list[bytes], quote: bytes, escape: bytes) -> list[int]:
 class Records:
     """Records of a refused piece, as offsets into their bytes (no copy per record)."""
 
-    def __init__(self, data: bytes, offsets: list[int], lines: list[int], newline: bytes = b"\n") -> None:
+    def __init__(self, data: Bytes, offsets: list[int], lines: list[int], newline: bytes = b"\n") -> None:
         self.data = data
         self.offsets = offsets  # record i is data[offsets[i]:offsets[i + 1]]
         self.lines = lines  # the source line where record i starts
@@ -232,13 +235,13 @@ class Records:
     def __len__(self) -> int:
         return len(self.lines)
 
-    def span(self, lo: int, hi: int) -> bytes:
+    def span(self, lo: int, hi: int) -> Bytes:
         return self.data[self.offsets[lo] : self.offsets[hi]]
 
-    def record(self, i: int) -> bytes:
+    def record(self, i: int) -> Bytes:
         return self.span(i, i + 1)
 
-    def bare(self, i: int) -> bytes:
+    def bare(self, i: int) -> Bytes:
         """Record i without its line ending (CRLF, LF or CR), as the rejects file holds it."""
         data = self.record(i)
         if data.endswith(self.newline):
@@ -258,7 +261,7 @@ class Records:
         offsets = [*self.offsets[:-1], *map(len(self.data).__add__, other.offsets)]
         return Records(self.data + other.data, offsets, self.lines + other.lines, self.newline)
 
-    def join(self, runs: Sequence[Run]) -> bytes:
+    def join(self, runs: Sequence[Run]) -> Bytes:
         """The bytes of the records of `runs`, in order: what one COPY of them sends."""
         if len(runs) == 1:
             return self.span(*runs[0])
@@ -274,7 +277,7 @@ class Records:
 NO_RECORDS = Records(b"", [0], [])
 
 
-def split_records(data: bytes, first: int, dialect: CsvDialect) -> Records:
+def split_records(data: Bytes, first: int, dialect: CsvDialect) -> Records:
     """The records of `data` (which starts at a record start, on source line `first`), with the
     line each starts on. Every line starts a record unless the line before it ends inside a
     quoted field; all of it in C (split, accumulate, slices), no Python step per row."""
@@ -291,7 +294,8 @@ def split_records(data: bytes, first: int, dialect: CsvDialect) -> Records:
         offsets = list(itertools.chain.from_iterable(map(line_starts.__getitem__, map(slice, lo, hi))))
         starts = list(itertools.chain.from_iterable(map(range, map(first.__add__, lo), map(first.__add__, hi))))
     else:
-        kept = [0, *map((1).__add__, syntax.line_ends(lines))]
+        # A custom --escape's batches are bytes (joined from the source's blocks), never a buffer.
+        kept = [0, *map((1).__add__, syntax.line_ends(cast(list[bytes], lines)))]
         offsets = list(map(line_starts.__getitem__, kept))
         starts = list(map(first.__add__, kept))
     if offsets[-1] < len(data):  # no line ending, or a quote left open at the end
@@ -301,7 +305,7 @@ def split_records(data: bytes, first: int, dialect: CsvDialect) -> Records:
     return Records(data, offsets, starts, newline)
 
 
-def _quoted_lines(data: bytes, line_starts: list[int], quote: bytes, newline: bytes) -> Iterator[tuple[int, int]]:
+def _quoted_lines(data: Bytes, line_starts: list[int], quote: bytes, newline: bytes) -> Iterator[tuple[int, int]]:
     """(a + 1, b + 1) for each quoted field holding a line break, from line a to line b, when
     quotes inside fields are doubled: lines a to b - 1 end inside it. Between the quotes of
     `data` (which starts at a record start), the odd stretches are quoted."""

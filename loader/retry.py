@@ -28,7 +28,7 @@ def retrying(policy: RetryPolicy, on_retry: Callable[[BaseException], None] | No
     def stop(state: RetryCallState) -> bool:
         exc = state.outcome.exception() if state.outcome is not None else None
         if exc is not None and sqlstate(exc) == TOO_MANY_CONNECTIONS:
-            return state.seconds_since_start >= TOO_MANY_CONNECTIONS_PATIENCE_S
+            return (state.seconds_since_start or 0.0) >= TOO_MANY_CONNECTIONS_PATIENCE_S
         return state.attempt_number >= policy.attempts
 
     return AsyncRetrying(

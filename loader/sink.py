@@ -28,9 +28,9 @@ from .errors import (
     sqlstate,
 )
 from .isolate import ErrorRate, isolate, misread_message
-from .records import holds_end_marker
 from .ledger import Ledger
 from .options import CsvDialect, RetryPolicy
+from .records import Bytes, holds_end_marker
 from .rejects import Reject
 from .retry import retrying
 from .target import Target
@@ -203,6 +203,7 @@ class Sink:
         if row["claimed"]:
             return None
         done = await self._ledger.committed(conn, self._load_id, batch.number)
+        assert done is not None, "a batch not claimed is committed"
         return Outcome(done["rows_loaded"], done["rows_rejected"], [], already=True)
 
     async def _load_fast(self, batch: Batch) -> Outcome:
@@ -225,7 +226,7 @@ class Sink:
             await conn.execute(sql.PIECE_SAVEPOINT)
             before = ""  # the savepoint's move after the last piece, sent with the next one
 
-            async def copy_in_savepoint(data: bytes, records: int) -> int:
+            async def copy_in_savepoint(data: Bytes, records: int) -> int:
                 nonlocal before
                 try:
                     rows = await self._copy(conn, data, before)

@@ -17,7 +17,7 @@ import tempfile
 import threading
 import zlib
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from .errors import LoaderError, TryAgainLater, UsageError
 
@@ -81,11 +81,10 @@ class Source:
 def open_source(name: str) -> Source:
     """Open `name` for reading, detecting gzip by its magic bytes rather than its extension."""
     if name == "-":
-        raw: BinaryIO = sys.stdin.buffer
-        if not hasattr(raw, "peek"):
-            raw = io.BufferedReader(raw)  # type: ignore[arg-type]
+        stdin = sys.stdin.buffer
+        raw: io.BufferedReader = stdin if isinstance(stdin, io.BufferedReader) else io.BufferedReader(cast(io.RawIOBase, stdin))
         size = None
-        if raw.peek(2)[:2] == _GZIP_MAGIC:  # type: ignore[attr-defined]
+        if raw.peek(2)[:2] == _GZIP_MAGIC:
             return _spooled(name, raw)
     else:
         try:
@@ -101,7 +100,7 @@ def open_source(name: str) -> Source:
         st = os.fstat(raw.fileno())
         regular = (st.st_mode & 0o170000) == 0o100000
         size = st.st_size if regular else None
-    peekable = raw if hasattr(raw, "peek") else io.BufferedReader(raw)  # type: ignore[arg-type]
+    peekable = raw
     try:
         compressed = peekable.peek(2)[:2] == _GZIP_MAGIC
     except OSError as exc:

@@ -3,7 +3,7 @@ server needed, the decision is a function."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -11,7 +11,7 @@ from loader.errors import UsageError
 from loader.plan import Action, Decision, Previous, decide
 
 CUT = {"delimiter": ",", "quote": '"', "escape": '"', "encoding": "utf-8", "header": True, "batch_rows": 50_000, "batch_bytes": 4 << 20}
-DONE = datetime(2026, 11, 25, 2, 15, tzinfo=timezone.utc)
+DONE = datetime(2026, 11, 25, 2, 15, tzinfo=UTC)
 
 
 def previous(state: str, size: int | None = 100, mtime: float | None = 1.5, boundaries: dict[str, object] = CUT) -> Previous:
