@@ -10,6 +10,7 @@ sends its output to files the test can read while it runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import json
@@ -17,7 +18,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -27,6 +28,14 @@ import asyncpg
 import pytest
 
 from devserver import pg_binary
+from loader import CsvDialect, LoadOptions
+from loader.batching import Batch, Batcher
+from loader.connect import open_pool
+from loader.ledger import Ledger
+from loader.options import RetryPolicy
+from loader.sink import Sink
+from loader.source import open_source
+from loader.target import resolve_target
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -256,3 +265,33 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+@contextlib.asynccontextmanager
+async def sink_for(
+    dsn: str, table: str, columns: tuple[str, ...], source: Path, retry: RetryPolicy | None = None
+) -> AsyncIterator[tuple[asyncpg.Pool, Sink]]:
+    """The loader's own sink into `table` on a pool of one connection, with a load "load-1"
+    started in the ledger: for tests that send batches one by one."""
+    options = LoadOptions(source=str(source), table=table, dsn=dsn, workers=1)
+    pool = await open_pool(options, 1, "loader test")
+    try:
+        async with pool.acquire() as conn:
+            target = await resolve_target(conn, table)
+            ledger = Ledger("loader")
+            await ledger.ensure(conn)
+            await ledger.start(conn, "load-1", None, target.display, str(source), None, None, {})
+        yield pool, Sink(pool, target, columns, CsvDialect(), ledger, "load-1", retry or RetryPolicy())
+    finally:
+        await pool.close()
+
+
+def batches_of(path: Path, rows: int, max_bytes: int = 1 << 20) -> list[Batch]:
+    """The batches the loader cuts from a CSV file with a header."""
+    source = open_source(str(path))
+    try:
+        batcher = Batcher(source, CsvDialect(), rows, max_bytes)
+        batcher.read_header()
+        return list(batcher)
+    finally:
+        source.close()

@@ -14,15 +14,9 @@ import asyncpg
 import pytest
 
 import loader.sink as sink_module
-from helpers import Db
-from loader import CsvDialect, LoadOptions
-from loader.batching import Batcher
-from loader.connect import open_pool
-from loader.ledger import Ledger
+from helpers import Db, batches_of, sink_for
 from loader.options import RetryPolicy
-from loader.sink import Outcome, Sink
-from loader.source import open_source
-from loader.target import resolve_target
+from loader.sink import Outcome
 
 
 def terminate_blocking(dsn: str, pid: int, settle: float = 0.2) -> None:
@@ -76,30 +70,16 @@ def run_batches(db: Db, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: 
     monkeypatch.setattr(sink_module, "copy_rows", copy_then_kill)
 
     async def go() -> list[Outcome]:
-        options = LoadOptions(source=str(csv), table="t", dsn=db.dsn, workers=1)
-        pool = await open_pool(options, 1, "loader test")
-        try:
-            async with pool.acquire() as conn:
-                target = await resolve_target(conn, "t")
-                ledger = Ledger("loader")
-                await ledger.ensure(conn)
-                await ledger.start(conn, "load-1", None, target.display, str(csv), None, None, {})
-            sink = Sink(pool, target, ("id", "name"), CsvDialect(), ledger, "load-1", RetryPolicy(initial_wait=0.01))
-            source = open_source(str(csv))
-            batcher = Batcher(source, CsvDialect(), 10, 1 << 20)
-            batcher.read_header()
-            outcomes: list[Outcome] = []
-            for number, batch in enumerate(batcher):
+        outcomes: list[Outcome] = []
+        async with sink_for(db.dsn, "t", ("id", "name"), csv, RetryPolicy(initial_wait=0.01)) as (pool, sink):
+            for number, batch in enumerate(batches_of(csv, 10)):
                 if where == "idle in the pool" and number == 1:
                     async with pool.acquire() as conn:
                         pid = conn.get_server_pid()
                     terminate_blocking(db.dsn, pid)
                     await read_one_message()
                 outcomes.append(await sink.load(batch))
-            source.close()
-            return outcomes
-        finally:
-            await pool.close()
+        return outcomes
 
     return asyncio.run(go())
 
@@ -129,19 +109,10 @@ def test_a_connection_killed_while_the_socket_is_full_is_a_retry(db: Db, tmp_pat
     csv.write_text("id,pad\n" + "".join(f"{i},{'x' * 1000}\n" for i in range(1, rows + 1)))  # 20 MB: more than the sockets hold
 
     async def go() -> list[Outcome]:
-        options = LoadOptions(source=str(csv), table="t", dsn=db.dsn, workers=1)
-        pool = await open_pool(options, 1, "loader test")
-        try:
+        (batch,) = batches_of(csv, rows, 1 << 30)
+        async with sink_for(db.dsn, "t", ("id", "pad"), csv, RetryPolicy(initial_wait=0.01)) as (pool, sink):
             async with pool.acquire() as conn:
-                target = await resolve_target(conn, "t")
-                ledger = Ledger("loader")
-                await ledger.ensure(conn)
-                await ledger.start(conn, "load-1", None, target.display, str(csv), None, None, {})
                 pid = conn.get_server_pid()
-            sink = Sink(pool, target, ("id", "pad"), CsvDialect(), ledger, "load-1", RetryPolicy(initial_wait=0.01))
-            source = open_source(str(csv))
-            batcher = Batcher(source, CsvDialect(), rows, 1 << 30)
-            batcher.read_header()
 
             async def kill_while_stuck() -> None:
                 await asyncio.sleep(1.0)  # the server sleeps on row 1; our socket is full by now
@@ -152,18 +123,13 @@ def test_a_connection_killed_while_the_socket_is_full_is_a_retry(db: Db, tmp_pat
                     await killer.close()
 
             kill = asyncio.ensure_future(kill_while_stuck())
-            (batch,) = list(batcher)
             load = asyncio.ensure_future(sink.load(batch))
             done, _ = await asyncio.wait([load], timeout=30)
             if not done:
                 load.cancel()
                 pytest.fail("the COPY on the killed connection hung")
-            outcomes = [load.result()]
             await kill
-            source.close()
-            return outcomes
-        finally:
-            await pool.close()
+            return [load.result()]
 
     outcomes = asyncio.run(go())
     assert [(o.rows_loaded, o.retries) for o in outcomes] == [(rows, 1)]

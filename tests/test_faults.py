@@ -8,15 +8,8 @@ from pathlib import Path
 import pytest
 
 from data import EVENTS_HEADER, event_rows, write_csv
-from helpers import Db, until
-from loader import CsvDialect, LoadOptions
-from loader.batching import Batcher
-from loader.connect import open_pool
-from loader.ledger import Ledger
-from loader.options import RetryPolicy
-from loader.sink import Outcome, Sink
-from loader.source import open_source
-from loader.target import resolve_target
+from helpers import Db, batches_of, sink_for, until
+from loader.sink import Outcome
 
 SLOW_EVENTS = """
 CREATE TABLE events (id bigint PRIMARY KEY, name text, note text, amount numeric, at timestamptz, flag boolean);
@@ -27,8 +20,8 @@ CREATE TRIGGER slow BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION slow()
 # The server kills the loading session itself at fixed rows, once each (a sequence keeps
 # counting whatever the transaction does, so the retry is not killed again): three COPYs
 # mid-stream, and one batch at its COMMIT (a deferred constraint trigger).
-KILL_IN_COPY = (1_500, 133_700, 266_900)
-KILL_AT_COMMIT = 350_001
+KILL_IN_COPY = (1_500, 13_370, 26_690)
+KILL_AT_COMMIT = 35_001
 
 KILLING_EVENTS = f"""
 CREATE TABLE events (id bigint PRIMARY KEY, name text, note text, amount numeric, at timestamptz, flag boolean);
@@ -53,9 +46,9 @@ KILLS = "SELECT count(*) FROM pg_sequences WHERE sequencename LIKE 'kill_at_%' A
 def test_killed_connections_are_retried_without_losing_or_duplicating_a_row(db: Db, tmp_path: Path) -> None:
     """Connections killed during COPY and at COMMIT: each costs one retry, no row is lost or doubled."""
     db.script(KILLING_EVENTS)
-    rows = 400_000
+    rows = 40_000
     csv = write_csv(tmp_path / "e.csv", event_rows(rows), EVENTS_HEADER)
-    run = db.loader("import", str(csv), "-t", "events", "--workers", "2", "--batch-size", "2000", "--json")
+    run = db.loader("import", str(csv), "-t", "events", "--workers", "2", "--batch-size", "500", "--json")
     assert run.code == 0, run.stderr
     assert db.value(KILLS) == 4
     report = run.json()
@@ -72,23 +65,9 @@ def test_a_batch_committed_by_an_earlier_attempt_is_not_loaded_again(db: Db, tmp
     csv.write_text("id,name\n1,a\n2,b\n3,c\n")
 
     async def twice() -> tuple[Outcome, Outcome]:
-        options = LoadOptions(source=str(csv), table="t", dsn=db.dsn, workers=1)
-        pool = await open_pool(options, 1, "loader test")
-        try:
-            async with pool.acquire() as conn:
-                target = await resolve_target(conn, "t")
-                ledger = Ledger("loader")
-                await ledger.ensure(conn)
-                await ledger.start(conn, "load-1", None, target.display, str(csv), None, None, {})
-            sink = Sink(pool, target, ("id", "name"), CsvDialect(), ledger, "load-1", RetryPolicy())
-            source = open_source(str(csv))
-            batcher = Batcher(source, CsvDialect(), 10, 1 << 20)
-            batcher.read_header()
-            batch = next(iter(batcher))
-            source.close()
+        (batch,) = batches_of(csv, 10)
+        async with sink_for(db.dsn, "t", ("id", "name"), csv) as (_, sink):
             return await sink.load(batch), await sink.load(batch)
-        finally:
-            await pool.close()
 
     first, second = asyncio.run(twice())
     assert (first.rows_loaded, first.already) == (3, False)
