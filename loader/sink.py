@@ -44,7 +44,7 @@ class Outcome:
     rows_loaded: int
     rows_rejected: int
     rejects: list[Reject]  # refused now (empty when an earlier attempt or run committed it)
-    already: bool = False  # committed by an earlier attempt or run; nothing was written now
+    committed_before: bool = False  # an earlier attempt or run committed it; nothing was written now
     retries: int = 0  # transient failures of this batch before it went through
 
 
@@ -204,7 +204,7 @@ class Sink:
             return None
         done = await self._ledger.committed(conn, self._load_id, batch.number)
         assert done is not None, "a batch not claimed is committed"
-        return Outcome(done["rows_loaded"], done["rows_rejected"], [], already=True)
+        return Outcome(done["rows_loaded"], done["rows_rejected"], [], committed_before=True)
 
     async def _load_fast(self, batch: Batch) -> Outcome:
         async with _connection(self._pool) as conn, _transaction(conn, self._begin):

@@ -173,7 +173,7 @@ class Stream:
         report.concurrency_now = self.concurrency.places
         notes = [RejectNote(self.original_line(r.line), r.sqlstate, r.message) for r in outcome.rejects]
         report.add_batch(batch.rows, outcome.rows_loaded, outcome.rows_rejected, notes)
-        if not outcome.already:
+        if not outcome.committed_before:
             self.loaded_now[batch.number] = (outcome.rows_loaded, outcome.rows_rejected)
         if self.max_errors is not None and report.rows_rejected > self.max_errors:
             self.stop.request(

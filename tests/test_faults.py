@@ -70,8 +70,8 @@ def test_a_batch_committed_by_an_earlier_attempt_is_not_loaded_again(db: Db, tmp
             return await sink.load(batch), await sink.load(batch)
 
     first, second = asyncio.run(twice())
-    assert (first.rows_loaded, first.already) == (3, False)
-    assert (second.rows_loaded, second.already) == (3, True)
+    assert (first.rows_loaded, first.committed_before) == (3, False)
+    assert (second.rows_loaded, second.committed_before) == (3, True)
     assert db.value("SELECT count(*) FROM t") == 3
 
 
