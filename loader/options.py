@@ -33,6 +33,16 @@ _PG_MAX_MS = 2_147_483_647  # statement_timeout and lock_timeout are int millise
 # Python codec names PostgreSQL spells differently; the others (utf-8, iso8859-1, euc_jp,
 # koi8_r, ...) match once PostgreSQL drops punctuation, and cp125x become WIN125x.
 _PG_ENCODING_NAMES = {"ascii": "SQL_ASCII", "shift_jis": "SJIS", "cp932": "SJIS"}
+_PYTHON_CODECS = {"sjis": "shift_jis", "sqlascii": "ascii", "koi8r": "koi8_r", "koi8u": "koi8_u"}  # PostgreSQL's names Python does not know
+
+
+def _lookup(encoding: str) -> codecs.CodecInfo:
+    """The codec for --encoding, written as Python or as PostgreSQL names it (WIN1252, SJIS)."""
+    try:
+        return codecs.lookup(encoding)
+    except LookupError:
+        plain = re.sub(r"[^a-z0-9]", "", encoding.lower())
+        return codecs.lookup(_PYTHON_CODECS.get(plain) or re.sub(r"^win(\d+)$", r"cp\1", plain))
 
 
 def _single_byte(name: str, value: str) -> None:
@@ -144,7 +154,7 @@ class CsvDialect:
         if self.delimiter in self.null:
             raise UsageError("--null cannot contain the delimiter")
         try:
-            info = codecs.lookup(self.encoding)
+            info = _lookup(self.encoding)
         except LookupError:
             raise UsageError(f"unknown --encoding {self.encoding!r}") from None
         if not _usable_text_encoding(info):
@@ -161,7 +171,7 @@ class CsvDialect:
 
     @property
     def python_encoding(self) -> str:
-        return codecs.lookup(self.encoding).name
+        return _lookup(self.encoding).name
 
     @property
     def pg_encoding(self) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
+import pytest
+
 from data import EVENTS_DDL, EVENTS_HEADER, event_rows, write_csv
 from helpers import Db
 
@@ -188,3 +190,13 @@ def test_load_name_and_its_older_spelling_load_id_name_the_same_load(db: Db, tmp
     assert len({r.json()["load_id"] for r in runs}) == 1
     assert [r.json()["rows_loaded"] for r in runs] == [1000, 0, 0, 0]
     assert db.value("SELECT count(*) FROM events") == 1000
+
+
+@pytest.mark.parametrize("encoding", ["WIN1252", "win-1252", "cp1252"])
+def test_encoding_is_accepted_as_postgresql_or_python_names_it(db: Db, tmp_path: Path, encoding: str) -> None:
+    """--encoding WIN1252 (PostgreSQL's name) means the same as cp1252 (Python's)."""
+    db.sql("CREATE TABLE t (id int, v text)")
+    (tmp_path / "w.csv").write_bytes("id,v\n1,caf\u00e9 \u20ac\n".encode("cp1252"))
+    run = db.loader("import", "w.csv", "-t", "t", "--encoding", encoding)
+    assert run.code == 0, run.stderr
+    assert db.value("SELECT v FROM t") == "caf\u00e9 \u20ac"
