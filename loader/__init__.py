@@ -9,8 +9,20 @@ The command line (`loader.cli`) is a thin layer over this library:
 """
 
 from .errors import LoaderError, TryAgainLater, UsageError
-from .options import CsvDialect, LoadOptions, RetryPolicy
-from .pipeline import load
+from .options import ConnectOptions, CsvDialect, LoadOptions, RetryPolicy
+from .pipeline import load, retry_rejects, status
 from .report import Report
 
-__all__ = ["CsvDialect", "LoadOptions", "LoaderError", "Report", "RetryPolicy", "TryAgainLater", "UsageError", "load"]
+__all__ = [
+    "ConnectOptions",
+    "CsvDialect",
+    "LoadOptions",
+    "LoaderError",
+    "Report",
+    "RetryPolicy",
+    "TryAgainLater",
+    "UsageError",
+    "load",
+    "retry_rejects",
+    "status",
+]
