@@ -128,9 +128,15 @@ class Sink:
         self.copies = 0  # COPY statements sent, for the report and the fast-path test
         self._error_rate = ErrorRate()  # bad rows among those isolated so far: sizes the pieces
 
-    async def _copy(self, conn: asyncpg.Connection, data: bytes | bytearray, before: str = "") -> int:
+    async def _copy(self, conn: asyncpg.Connection, data: Bytes, records: int, before: str = "") -> int:
+        """COPY `data`, which holds `records` records; MisreadRecords (a data error: the
+        caller's transaction or savepoint takes the rows back) when the server took another
+        number of rows, so that no record is counted as loaded but lost, or loaded twice."""
         self.copies += 1
-        return await copy_rows(conn, before + self._copy_statement, data, self._pace)
+        rows = await copy_rows(conn, before + self._copy_statement, data, self._pace)
+        if rows != records:
+            raise MisreadRecords(misread_message(data, rows, records))
+        return rows
 
     async def load(self, batch: Batch) -> Outcome:
         """Load one batch, retrying transient failures; rows the server refuses become rejects.
@@ -211,9 +217,7 @@ class Sink:
             done = await self._claim(conn, batch)
             if done is not None:
                 return done
-            rows = await self._copy(conn, batch.data)
-            if rows != batch.rows:  # the transaction rolls back, and the batch goes to isolation
-                raise MisreadRecords(misread_message(bytes(batch.data), rows, batch.rows))
+            rows = await self._copy(conn, batch.data, batch.rows)  # misread: isolated after the rollback
             await self._before_commit(batch)
             return Outcome(rows, 0, [])
 
@@ -229,9 +233,7 @@ class Sink:
             async def copy_in_savepoint(data: Bytes, records: int) -> int:
                 nonlocal before
                 try:
-                    rows = await self._copy(conn, data, before)
-                    if rows != records:
-                        raise MisreadRecords(misread_message(data, rows, records))
+                    rows = await self._copy(conn, data, records, before)
                 except Exception as exc:
                     if is_data_error(exc):  # isolate goes on after it: undo just this piece
                         before = sql.PIECE_UNDO + "; "
