@@ -54,6 +54,12 @@ def _columns(options: LoadOptions, target: Target, header: list[str] | None) -> 
     return target.columns
 
 
+def _stopped_state(exc: BaseException) -> str:
+    """The ledger state of a load a run did not finish: interrupted when the next run is
+    meant to resume it (a signal, the deadline, a lock or a file not ready), else failed."""
+    return "interrupted" if isinstance(exc, (Interrupted, TryAgainLater, asyncio.CancelledError)) else "failed"
+
+
 def _rejects_path(options: LoadOptions) -> Path:
     return Path(options.rejects) if options.rejects else rejects_file.default_path(options.source)
 
@@ -223,7 +229,7 @@ class _Load:
                 f"accounting mismatch: read {report.rows_read} rows, loaded {report.rows_loaded}, "
                 f"rejected {report.rows_rejected}, skipped {report.rows_skipped} (a bug: please report it)"
             )
-        state = "succeeded" if error is None else "interrupted" if isinstance(error, (Interrupted, TryAgainLater)) else "failed"
+        state = "succeeded" if error is None else _stopped_state(error)
         await self.ledger.finish(conn, planned.load_id, state, error.message if error else None)
         self.finished = True
         if error is not None:
@@ -234,12 +240,11 @@ class _Load:
         resumes either way, but `status` and the monitoring read this state."""
         if self.finished:
             return
-        stopped = isinstance(exc, (Interrupted, TryAgainLater, asyncio.CancelledError))
         message = exc.message if isinstance(exc, LoaderError) else f"unexpected {type(exc).__name__}: {exc}"
         with contextlib.suppress(Exception):
             async with asyncio.timeout(5):
                 conn = await self.session.get()
-                await self.ledger.finish(conn, load_id, "interrupted" if stopped else "failed", message)
+                await self.ledger.finish(conn, load_id, _stopped_state(exc), message)
                 self.finished = True
 
     async def _before_commit(self, batch: Batch) -> None:
