@@ -26,6 +26,8 @@ from typing import Annotated, Any, NoReturn, Optional
 from urllib.parse import urlsplit
 
 import typer
+import typer.core
+from typer import _click  # typer's own click, whose Context its commands take
 from typer.exceptions import TyperException
 
 from . import metrics, pipeline
@@ -45,6 +47,7 @@ from .options import (
     check_seconds,
     check_writable,
     parse_deadline,
+    parse_delimiter,
     parse_rate,
 )
 from .progress import show as show_progress
@@ -99,7 +102,7 @@ class LoadArgs:
     dsn: Dsn = ConnectOptions.dsn
     header: Annotated[bool, _option("--header/--no-header", help="The first record names the columns.", env="HEADER")] = CsvDialect.header
     columns: Annotated[Optional[str], _option("--columns", help="Target columns in file order, comma-separated. Default: the header's names, or with --no-header the table's columns.", env="COLUMNS", show_default=False)] = None
-    delimiter: Annotated[str, _option("--delimiter", help="Field delimiter.", env="DELIMITER")] = CsvDialect.delimiter
+    delimiter: Annotated[str, _option("--delimiter", help="Field delimiter: one character, or tab (also written \\t).", env="DELIMITER")] = CsvDialect.delimiter
     quote: Annotated[str, _option("--quote", help="Quote character.", env="QUOTE")] = CsvDialect.quote
     escape: Annotated[Optional[str], _option("--escape", help="Escape character inside quotes. Default: the quote (doubled quotes).", env="ESCAPE", show_default=False)] = CsvDialect.escape
     null: Annotated[str, _option("--null", help="Unquoted text that means NULL. Default: an unquoted empty field.", env="NULL", show_default=False)] = CsvDialect.null
@@ -131,6 +134,14 @@ class LoadArgs:
     verbose: Annotated[bool, _option("--verbose", "-v", help="Say what the load is doing (start, resume, retries), not only the summary.", env="VERBOSE")] = False
 
 
+class _Command(typer.core.TyperCommand):
+    """A command whose usage line names its argument as its help does (`SOURCE`), where typer
+    writes a required one in braces (`{SOURCE}`)."""
+
+    def collect_usage_pieces(self, ctx: _click.Context) -> list[str]:
+        return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in super().collect_usage_pieces(ctx)]
+
+
 def _load_command(name: str, *, without: tuple[str, ...] = ()) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Register `command(argument, args: LoadArgs)` as `loader NAME`. typer reads options from
     a signature, so the one it is given is the command's own parameters followed by the fields
@@ -157,7 +168,7 @@ def _load_command(name: str, *, without: tuple[str, ...] = ()) -> Callable[[Call
         run.__signature__ = inspect.Signature([*own, *shared])  # type: ignore[attr-defined]
         run.__annotations__ = {p.name: p.annotation for p in (*own, *shared)}
         run.__name__, run.__qualname__, run.__doc__ = command.__name__, command.__qualname__, command.__doc__
-        app.command(name, epilog=EXIT_CODES)(run)
+        app.command(name, epilog=EXIT_CODES, cls=_Command)(run)
         return command
 
     return register
@@ -179,7 +190,7 @@ def _load_options(source: str, args: LoadArgs) -> LoadOptions:
         source=source,
         table=args.table,
         dialect=CsvDialect(
-            delimiter=args.delimiter, quote=args.quote, escape=args.escape, null=args.null, encoding=args.encoding, header=args.header
+            delimiter=parse_delimiter(args.delimiter), quote=args.quote, escape=args.escape, null=args.null, encoding=args.encoding, header=args.header
         ),
         columns=_split_columns(args.columns),
         dsn=args.dsn,
@@ -271,6 +282,7 @@ def _run(job: Job, args: LoadArgs, progress: bool) -> None:
     except LoaderError as exc:
         report, code = exc.report, exc.exit_code
         if exc.report is not None:
+            exc.report.stopped(exc.exit_code)  # its summary must not read as a finished load
             _print_report(exc.report, args.json_output)
         raise
     finally:
@@ -282,7 +294,7 @@ def _run(job: Job, args: LoadArgs, progress: bool) -> None:
 
 @_load_command("import")
 def import_(
-    source: Annotated[str, typer.Argument(help="CSV file to load (.gz is read transparently), or - for stdin.", show_default=False)],
+    source: Annotated[str, typer.Argument(metavar="SOURCE", help="CSV file to load (.gz is read transparently), or - for stdin.", show_default=False)],
     args: LoadArgs,
 ) -> None:
     """Load a CSV file into a PostgreSQL table, exactly once: a re-run resumes an unfinished
@@ -301,7 +313,7 @@ def import_(
 # --log-interval: no progress is shown.
 @_load_command("retry-rejects", without=("load_name", "log_interval"))
 def retry_rejects(
-    rejects_file: Annotated[str, typer.Argument(help="A rejects file written by `loader import`, its records fixed.", show_default=False)],
+    rejects_file: Annotated[str, typer.Argument(metavar="REJECTS_FILE", help="A rejects file written by `loader import`, its records fixed.", show_default=False)],
     args: LoadArgs,
 ) -> None:
     """Load the records of a rejects file (after fixing them) with the original load's options;

@@ -14,6 +14,7 @@ known and turned into output only at the CLI's edge.
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import asyncpg
@@ -127,10 +128,47 @@ def is_data_error(exc: BaseException) -> bool:
     return state is not None and state[:2] in _DATA_CLASSES
 
 
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
 def server_message(exc: BaseException) -> str:
-    """The server's message on one line, with its detail where it adds something."""
-    text = " ".join(str(exc).split())
-    detail = getattr(exc, "detail", None)
+    """The server's message on one line, with its detail (and hint) once each, where given.
+    (asyncpg's str() of an error already appends "DETAIL: ..." and "HINT: ...": the primary
+    message is its first argument.)"""
+    detail, hint = getattr(exc, "detail", None), getattr(exc, "hint", None)
+    primary = exc.args[0] if (detail or hint) and exc.args and isinstance(exc.args[0], str) else str(exc)
+    text = _one_line(primary)
     if detail:
-        text = f"{text} ({' '.join(str(detail).split())})"
+        text = f"{text} ({_one_line(detail)})"
+    if hint:
+        text = f"{text}; hint: {_one_line(hint)}"
     return text
+
+
+# COPY's error context names the line, and the column when one value was refused:
+# 'COPY t, line 4, column score: "high"', 'COPY t, line 4, column score: null input',
+# 'COPY t, line 4, column score' (PostgreSQL's CopyFromErrorCallback). A trigger or a
+# function called by the COPY adds lines of its own to the context, and a value may hold
+# line breaks: the column's name ends at the value, or at the end of its line.
+_COPY_COLUMN = re.compile(r'^COPY [^\n]*?, line \d+, column ([^\n]+?)(?:: "|: null input$|$)', re.MULTILINE)
+_PLAIN_NAME = re.compile(r"[a-z_][a-z0-9_$]*")
+
+
+def refused_column(exc: BaseException) -> str | None:
+    """The column whose value a COPY refused, as the server's error context names it."""
+    context = getattr(exc, "context", None)
+    match = _COPY_COLUMN.search(context) if isinstance(context, str) else None
+    return match.group(1) if match else None
+
+
+def reject_message(exc: BaseException) -> str:
+    """Why a row was rejected: the server's message, after the column it names when it
+    refused one value (`column score: invalid input syntax for type integer: "high"`).
+    Only ever computed for a rejected row, never on the fast path."""
+    message = server_message(exc)
+    column = refused_column(exc)
+    if column is None:
+        return message
+    name = column if _PLAIN_NAME.fullmatch(column) else '"' + column.replace('"', '""') + '"'
+    return f"column {name}: {message}"

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from .batching import Batch
-from .errors import BAD_COPY_FILE_FORMAT, MisreadRecords, is_data_error, server_message, sqlstate
+from .errors import BAD_COPY_FILE_FORMAT, MisreadRecords, is_data_error, reject_message, sqlstate
 from .options import CsvDialect
 from .records import NO_RECORDS, Bytes, Records, RecordSyntax, Run, find_copy_line, split_records
 from .rejects import Reject
@@ -35,7 +35,7 @@ PIECE_FACTOR = 9.0
 
 
 def _reject(records: Records, i: int, exc: BaseException) -> Reject:
-    return Reject(records.lines[i], sqlstate(exc) or "", server_message(exc), bytes(records.bare(i)))
+    return Reject(records.lines[i], sqlstate(exc) or "", reject_message(exc), bytes(records.bare(i)))
 
 
 # Sends one COPY of the records in `data`, of which there are `records`: returns the rows

@@ -45,9 +45,19 @@ def _lookup(encoding: str) -> codecs.CodecInfo:
         return codecs.lookup(_PYTHON_CODECS.get(plain) or re.sub(r"^win(\d+)$", r"cp\1", plain))
 
 
+# --delimiter's names for a tab, which a command line takes only quoted ($'\t' in bash).
+_TAB_NAMES = ("\\t", "tab")
+
+
+def parse_delimiter(text: str) -> str:
+    """--delimiter: one character, or a tab written as `\\t` or `tab`."""
+    return "\t" if text.lower() in _TAB_NAMES else text
+
+
 def _single_byte(name: str, value: str) -> None:
     if len(value) != 1 or len(value.encode("utf-8")) != 1:
-        raise UsageError(f"--{name} must be a single one-byte character, got {value!r}")
+        also = " (or tab)" if name == "delimiter" else ""
+        raise UsageError(f"--{name} must be a single one-byte character{also}, got {value!r}")
     if value in "\r\n":
         raise UsageError(f"--{name} cannot be a newline or carriage return")
 

@@ -29,6 +29,7 @@ from .ledger import Ledger
 from .options import ConnectOptions, LoadOptions, check_writable
 from .plan import Plan, mtime, plan
 from .pressure import ReplicaLag, connection_budget, require_monitor
+from .progress import Waits
 from .rejects import Reject
 from .report import Report
 from .session import ControlSession
@@ -50,7 +51,7 @@ def _columns(options: LoadOptions, target: Target, header: list[str] | None) -> 
             )
         return target.pick_columns(options.columns, "--columns")
     if header is not None:
-        return target.pick_columns(header, f"the header of {options.source}")
+        return target.pick_columns(header, f"the header of {options.source}", header=True)
     return target.columns
 
 
@@ -113,6 +114,7 @@ class _Load:
         if planned.nothing_to_do:
             report.note = planned.nothing_to_do
             return
+        target.note_defaults(columns)
         self.finished = planned.verify_only  # a finished load, only re-read: its state stays as it is
         try:
             await self._load(planned, target, columns, workers, batches, interrupt)
@@ -251,6 +253,8 @@ class _Load:
         """The last word on each batch before it commits: its rows must come from the source's
         real bytes. The file is still as it was opened, and a compressed one is whole."""
         self.source.check_unchanged(f"lines {batch.first_line}-{batch.last_line}")
+        if self.report.bytes_loaded is not None:  # for progress: how far into the file batches commit
+            self.report.bytes_loaded = max(self.report.bytes_loaded, batch.offset + len(batch.data))
         if self.verified is not None:
             await asyncio.shield(self.verified)
 
@@ -333,9 +337,12 @@ async def load(
             await asyncio.to_thread(batcher.start)  # the line ending, before any batch is sent
         report = Report(source=source.name, table=options.table, load_id="", workers=options.workers)
         report.bytes_total = source.size
+        report.bytes_loaded = None if source.compressed else 0  # see _before_commit
+        waits = Waits(report, options)  # why the load waits, for progress displays
 
         def on_retry(exc: BaseException) -> None:
             report.count_retry(exc)
+            waits.retry(exc)
             log.info("retrying after a transient failure: %s", " ".join(str(exc).split()) or type(exc).__name__)
 
         if on_start is not None:
@@ -344,7 +351,9 @@ async def load(
         stop_verifying = threading.Event()
         verified = asyncio.ensure_future(asyncio.to_thread(source.verify, stop_verifying)) if source.compressed else None
         try:
+            waits.connecting()
             async with ControlSession(options, on_retry, interrupt) as session:
+                waits.done()
                 job = _Load(options, source, batcher, session, report, on_retry, verified)
                 await unless_interrupted(job.run(batches, header_fields, interrupt), interrupt, until=lambda: job.streaming)
         except LoaderError as exc:

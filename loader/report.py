@@ -38,12 +38,35 @@ class Report:
     rejects: list[RejectNote] = field(default_factory=list)
     note: str | None = None  # why this run had nothing to do
     concurrency: dict[str, int] | None = None  # --workers auto: min, max and final batches in flight
+    # The run stopped before the end of the source (a signal, the deadline, --max-errors, a
+    # failure): what it committed stays, and the same command run again resumes the load.
+    stopped_early: bool = False
+    _stopped_exit_code: int | None = field(default=None, repr=False)  # see stopped
     # Live state, for progress displays.
     bytes_read: int = 0
     bytes_total: int | None = None
-    in_flight: int = 0
+    _in_flight: int = field(default=0, repr=False)  # see in_flight
+    peak_in_flight: int = 0  # the most batches in flight at once: with --workers auto, the workers used
     concurrency_now: int = 0
     waiting_for_replicas: bool = False
+    bytes_loaded: int | None = None  # of a plain file: its bytes up to the end of the batches committed (None: unknown)
+    waiting: str | None = None  # why the load waits: connecting, retrying a transient failure (progress.Waits)
+    waiting_rows: int = 0  # rows_read when `waiting` was said: a retry's reason is stale once rows move on
+
+    @property
+    def in_flight(self) -> int:
+        """Batches loading now."""
+        return self._in_flight
+
+    @in_flight.setter
+    def in_flight(self, value: int) -> None:
+        self._in_flight = value
+        self.peak_in_flight = max(self.peak_in_flight, value)
+
+    def stopped(self, exit_code: int) -> None:
+        """The run stopped before the end of the source, and exits `exit_code`."""
+        self.stopped_early = True
+        self._stopped_exit_code = exit_code
 
     def count_retry(self, _exc: BaseException) -> None:
         self.retries += 1
@@ -69,40 +92,57 @@ class Report:
 
     @property
     def exit_code(self) -> int:
+        if self._stopped_exit_code is not None:
+            return self._stopped_exit_code
         if self.note:  # nothing to do: the earlier run already answered for its rejects
             return EXIT_OK
         return EXIT_REJECTS if self.rows_rejected else EXIT_OK
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for live in ("bytes_read", "bytes_total", "in_flight", "concurrency_now", "waiting_for_replicas"):
+        data.pop("_stopped_exit_code")
+        for live in ("bytes_read", "bytes_total", "_in_flight", "peak_in_flight", "concurrency_now", "waiting_for_replicas", "bytes_loaded", "waiting", "waiting_rows"):
             data.pop(live)
         data["elapsed_s"] = round(self.elapsed_s, 3)
         data["rows_per_s"] = round(self.rows_per_s, 1)
         data["exit_code"] = self.exit_code
+        if self.concurrency is not None:  # --workers auto: the workers it used, not --max-workers
+            data["workers"] = self.peak_in_flight
         return data
 
     def summary(self) -> str:
         """One line for cron's mail, then the first few rejects."""
         if self.note:
             return f"{self.source} into {self.table}: nothing to do: {self.note}"
+        loaded = f"loaded {self.rows_loaded:,} of {_count(self.rows_read, 'row')}"
+        if self.stopped_early:  # not "loaded 650,000 of 650,000 rows", which reads as complete
+            source = "standard input" if self.source == "-" else self.source
+            read = f"the {_count(self.rows_read, 'row')} read" if self.rows_read else "no rows read"
+            loaded = f"stopped before the end of {source}: loaded {self.rows_loaded:,} of {read}"
         head = (
-            f"loaded {self.rows_loaded:,} of {self.rows_read:,} rows into {self.table} "
-            f"in {self.elapsed_s:.1f} s ({self.rows_per_s:,.0f} rows/s); "
-            f"{self.batches} batches, {self.retries} retries"
+            f"{loaded} into {self.table} in {self.elapsed_s:.1f} s ({self.rows_per_s:,.0f} rows/s); "
+            f"{_count(self.batches, 'batch', 'batches')}, {_count(self.retries, 'retry', 'retries')}"
         )
         if self.concurrency:
             c = self.concurrency
             head += f"; concurrency {c['min']}-{c['max']}, settled at {c['final']}"
         if self.rows_skipped:
-            head += f"; {self.rows_skipped:,} rows were loaded by an earlier run (load {self.load_id}, resumed)"
+            were = "was" if self.rows_skipped == 1 else "were"
+            head += f"; {_count(self.rows_skipped, 'row')} {were} loaded by an earlier run (load {self.load_id}, resumed)"
         if self.rows_rejected:
-            head += f"; {self.rows_rejected:,} rows rejected"
+            head += f"; {_count(self.rows_rejected, 'row')} rejected"
             if self.rejects_file:
                 head += f", written to {self.rejects_file}"
+        if self.stopped_early:
+            head += "; run the same command again to resume"
         lines = [head]
         for note in sorted(self.rejects, key=lambda n: n.line)[:SHOWN_REJECTS]:
             lines.append(f"  line {note.line}: {note.sqlstate} {note.message}")
         if self.rows_rejected > SHOWN_REJECTS:
             lines.append(f"  ... and {self.rows_rejected - SHOWN_REJECTS:,} more")
         return "\n".join(lines)
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    """`1 row`, `2 rows`, `1 batch`, `0 batches`."""
+    return f"{n:,} {one if n == 1 else (many or one + 's')}"

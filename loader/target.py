@@ -7,6 +7,11 @@ its columns, checking the COPY options and privileges) become the loader's own e
 
 from __future__ import annotations
 
+import csv
+import io
+import logging
+import re
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,6 +23,8 @@ from .errors import UsageError, is_transient, server_message
 from .options import CsvDialect
 
 _WRITABLE_RELKINDS = {"r": "table", "p": "partitioned table", "f": "foreign table"}
+
+log = logging.getLogger("loader")
 
 
 @dataclass(frozen=True)
@@ -34,9 +41,10 @@ class Target:
     def display(self) -> str:
         return sql.qualified(self.schema, self.name)
 
-    def pick_columns(self, names: Sequence[str], where: str) -> tuple[str, ...]:
+    def pick_columns(self, names: Sequence[str], where: str, *, header: bool = False) -> tuple[str, ...]:
         """Map names from the header or --columns to the table's columns: exact match first,
-        then a unique case-insensitive one (a header "ID" for a column id)."""
+        then a unique case-insensitive one (a header "ID" for a column id). A `header` that
+        names no column says which option would load the file (see header_advice)."""
         by_lower: dict[str, list[str]] = {}
         for column in self.columns:
             by_lower.setdefault(column.lower(), []).append(column)
@@ -48,11 +56,53 @@ class Target:
                 picked.append(by_lower[name.lower()][0])
             else:
                 known = ", ".join(self.columns)
-                raise UsageError(f"{where} names {name!r}, which is not a column of {self.display} (columns: {known})")
+                advice = f"; {header_advice(names, self.columns)}" if header else ""
+                raise UsageError(f"{where} names {name!r}, which is not a column of {self.display} (columns: {known}){advice}")
         duplicated = {c for c in picked if picked.count(c) > 1}
         if duplicated:
             raise UsageError(f"{where} names column {sorted(duplicated)[0]!r} more than once")
         return tuple(picked)
+
+    def note_defaults(self, columns: Sequence[str]) -> None:
+        """Say which of the table's columns the load leaves out: they get their defaults."""
+        left = [c for c in self.columns if c not in columns]
+        if len(left) == 1:
+            log.warning("loader: note: column %s is not in the file: it gets its default", left[0])
+        elif left:
+            log.warning("loader: note: columns %s are not in the file: they get their defaults", ", ".join(left))
+
+
+# A header field that reads as a value rather than a name: a number (1, -2.5, 1e6, 3,5), a
+# date (2024-01-31, 31/01/2024, 31.01.2024, with a time after it) or a time of day (10:30).
+_VALUE = re.compile(
+    r"[+-]?(?:\d+(?:[.,]\d*)?|[.,]\d+)(?:e[+-]?\d+)?"
+    r"|\d{1,4}([-/.])\d{1,2}\1\d{1,4}(?:[ T]\d.*)?"
+    r"|\d{1,2}:\d\d(?::\d\d(?:\.\d+)?)?",
+    re.IGNORECASE,
+)
+# Delimiters a file may have instead of the one given, as --delimiter takes them.
+_OTHER_DELIMITERS = {";": "';'", "\t": "tab", "|": "'|'", ",": "','"}
+
+
+def header_advice(names: Sequence[str], columns: Sequence[str]) -> str:
+    """What to pass when a header names no column of the table: --delimiter when its one name
+    holds another delimiter (the file is delimited by that), --no-header when its first record
+    reads as data, else --columns, to take the file's fields for the table's columns by position."""
+    if len(names) == 1:
+        found = [d for d in _OTHER_DELIMITERS if d in names[0]]
+        if found:
+            delimiter = _OTHER_DELIMITERS[max(found, key=names[0].count)]
+            return f"the file looks delimited by {delimiter}: pass --delimiter {delimiter}"
+    if any(_VALUE.fullmatch(name.strip()) for name in names):
+        return (
+            "the first record looks like data, not column names: pass --no-header "
+            "(with --columns a,b,c when the fields are not in the table's order)"
+        )
+    if len(names) > len(columns):
+        return f"the file has {len(names)} fields and the table {len(columns)} columns: check --delimiter and --table"
+    out = io.StringIO()
+    csv.writer(out, lineterminator="").writerow(columns[: len(names)])
+    return f"to load the fields by position, pass --columns {shlex.quote(out.getvalue())} (the table's names, in file order)"
 
 
 async def resolve_target(conn: asyncpg.Connection, table: str) -> Target:
