@@ -121,6 +121,7 @@ class LoadArgs:
     restart: Annotated[bool, _option("--restart", help="Start a new load even though an unfinished one exists (rows it committed stay in the table).", env="RESTART")] = LoadOptions.restart
     force: Annotated[bool, _option("--force", help="Load again a source that was fully loaded before, as a new load.", env="FORCE")] = LoadOptions.force
     wait_lock: Annotated[float, _option("--wait-lock", help="Seconds to wait while another load of the table runs, before exiting 75.", env="WAIT_LOCK")] = LoadOptions.wait_lock
+    lease: Annotated[float, _option("--lease", help="Seconds without a sign of life after which another load may take the table over (behind a pooler; a direct connection's end frees it at once).", env="LEASE")] = LoadOptions.lease
     deadline: Annotated[Optional[str], _option("--deadline", help="Start no batch after this local time (05:30) or duration (2h, 90m); then exit 75, resumable.", env="DEADLINE", show_default=False)] = None
     max_rate: Annotated[Optional[str], _option("--max-rate", help="Cap the pace: rows per second (20000, 20k) or bytes (20MB/s).", env="MAX_RATE", show_default=False)] = None
     max_replica_lag: Annotated[Optional[float], _option("--max-replica-lag", help="Send no new batch while a streaming replica lags more than this many seconds (needs pg_monitor).", env="MAX_REPLICA_LAG", show_default=False)] = LoadOptions.max_replica_lag
@@ -207,6 +208,7 @@ def _load_options(source: str, args: LoadArgs) -> LoadOptions:
         restart=args.restart,
         force=args.force,
         wait_lock=args.wait_lock,
+        lease=args.lease,
         deadline=parse_deadline(args.deadline) if args.deadline else None,
         max_rate=parse_rate(args.max_rate) if args.max_rate else None,
         max_replica_lag=args.max_replica_lag,

@@ -14,7 +14,8 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from .errors import LoaderError, UsageError, is_transient, server_message
+from . import sql
+from .errors import PROTOCOL_VIOLATION, LoaderError, UsageError, is_transient, server_message, sqlstate
 from .options import ConnectOptions
 from .retry import retrying
 
@@ -55,12 +56,18 @@ def redact(text: str, dsn: str | None) -> str:
     return text
 
 
+def _transient_at_connect(exc: BaseException) -> bool:
+    """A protocol violation at connect (a pooler refusing a startup parameter, a server that
+    speaks another protocol) will be the same on every attempt: said at once, not retried."""
+    return is_transient(exc) and sqlstate(exc) != PROTOCOL_VIOLATION
+
+
 async def _connecting(options: ConnectOptions, connect: Callable[[str | None], Awaitable[T]], on_retry: Callable[[BaseException], None] | None) -> T:
     """Run `connect` with the load's retry policy; failures become one clear LoaderError."""
     dsn = resolve_dsn(options.dsn)
     server = describe_server(dsn)
     try:
-        async for attempt in retrying(options.retry, on_retry):
+        async for attempt in retrying(options.retry, on_retry, transient=_transient_at_connect):
             with attempt:
                 return await connect(dsn)
     except asyncpg.InvalidAuthorizationSpecificationError as exc:
@@ -69,6 +76,15 @@ async def _connecting(options: ConnectOptions, connect: Callable[[str | None], A
         raise UsageError(f"cannot connect to {server}: {redact(server_message(exc), dsn)}") from None
     except (asyncpg.exceptions.ClientConfigurationError, ValueError) as exc:
         raise UsageError(f"invalid connection settings: {redact(str(exc), dsn)}") from None
+    except asyncpg.ProtocolViolationError as exc:
+        reason = redact(server_message(exc), dsn)
+        hint = ""
+        if "startup parameter" in reason:
+            hint = (
+                " (a connection pooler refuses settings sent at connect: drop them from the connection "
+                "string, or list them in its ignore_startup_parameters)"
+            )
+        raise UsageError(f"cannot connect to {server}: {reason}{hint}") from None
     except Exception as exc:  # noqa: BLE001 - any other failure to connect is one line, said once
         reason = redact(" ".join(str(exc).split()) or type(exc).__name__, dsn)
         if is_transient(exc):
@@ -79,8 +95,16 @@ async def _connecting(options: ConnectOptions, connect: Callable[[str | None], A
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _settings(options: ConnectOptions, application_name: str | None = None) -> dict[str, str]:
-    settings = {"application_name": application_name or options.application_name}
+def transaction_settings(options: ConnectOptions) -> dict[str, str]:
+    """What each batch's transaction sets for itself (SET LOCAL, in its BEGIN): a pooler such
+    as PgBouncer refuses settings as startup parameters, and in transaction pooling a session
+    setting would stay on a server connection that other clients use next.
+
+    A batch's commit need not wait for its WAL to reach the disk: the batch's rows and its
+    ledger row are lost together or kept together, and the load's last commit (synchronous,
+    on its own session) makes them all durable before it reports success, after checking that
+    none was lost (see pipeline._Load._finish)."""
+    settings = {"synchronous_commit": "off"}
     if options.statement_timeout is not None:
         settings["statement_timeout"] = f"{max(1, round(options.statement_timeout * 1000))}ms"
     if options.lock_timeout is not None:
@@ -94,10 +118,12 @@ async def open_pool(
     application_name: str,
     on_retry: Callable[[BaseException], None] | None = None,
     lazy: bool = False,
+    pooled: bool = False,
 ) -> asyncpg.Pool:
     """A pool of at most `size` connections (all opened now unless `lazy`); transient failures
     are retried, the rest explained. Idle connections of a lazy pool close after 10 s, so a
-    load that lowers its concurrency gives connections back."""
+    load that lowers its concurrency gives connections back. Behind a pooler (`pooled`) no
+    statement is prepared by name: its next transaction may run on another server session."""
 
     async def create(dsn: str | None) -> asyncpg.Pool:
         return await asyncpg.create_pool(
@@ -106,11 +132,8 @@ async def open_pool(
             max_size=size,
             max_inactive_connection_lifetime=10.0 if lazy else 300.0,
             timeout=15,
-            # A batch's commit need not wait for its WAL to reach the disk: the batch's rows and
-            # its ledger row are lost together or kept together, and the load's last commit
-            # (synchronous, on its own session) makes them all durable before it reports
-            # success, after checking that none was lost (see pipeline._Load.run).
-            server_settings={**_settings(options, application_name), "synchronous_commit": "off"},
+            server_settings={"application_name": application_name},
+            statement_cache_size=0 if pooled else 100,
             reset=_nothing_to_reset,
         )
 
@@ -124,9 +147,19 @@ async def _nothing_to_reset(conn: asyncpg.Connection) -> None:
 
 
 async def connect(options: ConnectOptions, on_retry: Callable[[BaseException], None] | None = None) -> asyncpg.Connection:
-    """One connection outside the pool: it holds the table's lock for the whole load."""
+    """One connection outside the pool, for the load's own session. It prepares no statement
+    by name, since it cannot know yet whether it talks to a pooler (see is_pooled)."""
 
     async def create(dsn: str | None) -> asyncpg.Connection:
-        return await asyncpg.connect(dsn, timeout=15, server_settings=_settings(options))
+        return await asyncpg.connect(
+            dsn, timeout=15, server_settings={"application_name": options.application_name}, statement_cache_size=0
+        )
 
     return await _connecting(options, create, on_retry)
+
+
+async def is_pooled(conn: asyncpg.Connection) -> bool:
+    """Whether a connection pooler (PgBouncer, ...) stands between us and the server: the
+    process id the server announced at connect is then the pooler's invention, not that of
+    the server session running our statements."""
+    return bool(conn.get_server_pid() != await conn.fetchval(sql.BACKEND_PID))

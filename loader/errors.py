@@ -65,6 +65,7 @@ class TableReplaced(LoaderError):
 # The SQLSTATEs the loader names, under PostgreSQL's condition names (its manual, appendix A).
 # A class is a code's first two characters; a prefix covers every code that begins with it.
 CONNECTION_EXCEPTION = "08"  # class
+PROTOCOL_VIOLATION = "08P01"  # also what PgBouncer says when it refuses a startup parameter
 DATA_EXCEPTION = "22"  # class
 BAD_COPY_FILE_FORMAT = "22P04"  # COPY's field count, line endings, open quotes, "missing data for column"
 INTEGRITY_CONSTRAINT_VIOLATION = "23"  # class

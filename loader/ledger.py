@@ -11,6 +11,7 @@ import json
 import shlex
 import time
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -20,8 +21,8 @@ from .errors import TryAgainLater, UsageError, is_transient, server_message
 from .rejects import Reject
 
 # What a load needs on the ledger (besides USAGE on its schema), and what `status` needs.
-LOAD_PRIVILEGES = (("loads", "batches", "rejects"), ("SELECT", "INSERT", "UPDATE"))
-STATUS_PRIVILEGES = (("loads", "batches"), ("SELECT",))
+LOAD_PRIVILEGES = (("loads", "batches", "rejects", "leases"), ("SELECT", "INSERT", "UPDATE"))
+STATUS_PRIVILEGES = (("loads", "batches", "leases"), ("SELECT",))
 
 
 class Ledger:
@@ -42,6 +43,11 @@ class Ledger:
         self._recent_sql = sql.render(sql.RECENT_LOADS, schema=schema)
         self.count_rejects_sql = sql.render(sql.COUNT_REJECTS, schema=schema)
         self._update_source_sql = sql.render(sql.UPDATE_SOURCE, schema=schema)
+        self._load_options_sql = sql.render(sql.LOAD_OPTIONS, schema=schema)
+        self._take_lease_sql = sql.render(sql.TAKE_LEASE, schema=schema)
+        self._renew_lease_sql = sql.render(sql.RENEW_LEASE, schema=schema)
+        self._release_lease_sql = sql.render(sql.RELEASE_LEASE, schema=schema)
+        self._lease_holder_sql = sql.render(sql.LEASE_HOLDER, schema=schema)
 
     async def ensure(self, conn: asyncpg.Connection) -> None:
         """Create the ledger if it is missing (serialised, so concurrent first loads do not race),
@@ -107,6 +113,10 @@ class Ledger:
             self._start_sql, load_id, load_key, target, source, source_size, source_mtime, json.dumps(boundaries)
         )
 
+    async def load(self, conn: asyncpg.Connection, load_id: str) -> asyncpg.Record | None:
+        """A load's table and the options it keeps (see plan.copy_options)."""
+        return await conn.fetchrow(self._load_options_sql, load_id)
+
     async def latest(self, conn: asyncpg.Connection, load_key: str) -> asyncpg.Record | None:
         return await conn.fetchrow(self._latest_sql, load_key)
 
@@ -122,7 +132,13 @@ class Ledger:
 
     async def recent(self, conn: asyncpg.Connection, table: str | None, limit: int) -> list[asyncpg.Record]:
         """The latest loads, newest first, as status shows them (see sql.RECENT_LOADS)."""
-        await self.check_privileges(conn, write=False)
+        access = await self._access(conn, write=False)
+        if not access["present"]:
+            raise UsageError(
+                f"the load ledger in schema {sql.quote_ident(self.schema)} was made by an earlier version of loader: "
+                "the next load brings it up to date (or have its owner run sql/ledger.sql)"
+            )
+        self._require(access, write=False)
         return list(await conn.fetch(self._recent_sql, table, limit))
 
     async def committed(self, conn: asyncpg.Connection, load_id: str, batch_no: int) -> asyncpg.Record | None:
@@ -143,6 +159,24 @@ class Ledger:
         async for row in conn.cursor(self._load_rejects_sql, load_id, prefetch=1000):
             yield Reject(row["line"], row["sqlstate"], row["message"], bytes(row["record"]))
 
+    async def take_lease(self, conn: asyncpg.Connection, lease: Lease) -> bool:
+        """Take the table's lease if it is free or already this run's; False: another load's."""
+        taken = await conn.fetchval(
+            self._take_lease_sql, lease.table_oid, lease.table, lease.holder, lease.client, lease.direct, lease.seconds
+        )
+        return taken is not None
+
+    async def renew_lease(self, conn: asyncpg.Connection, lease: Lease, load_id: str | None = None) -> bool:
+        """Push the lease's expiry out again (and name the load it is for); False: it was lost."""
+        renewed = await conn.fetchval(self._renew_lease_sql, lease.table_oid, lease.holder, lease.seconds, load_id)
+        return renewed is not None
+
+    async def release_lease(self, conn: asyncpg.Connection, lease: Lease) -> None:
+        await conn.execute(self._release_lease_sql, lease.table_oid, lease.holder)
+
+    async def lease_holder(self, conn: asyncpg.Connection, table_oid: int) -> asyncpg.Record | None:
+        return await conn.fetchrow(self._lease_holder_sql, table_oid)
+
     async def finish(
         self,
         conn: asyncpg.Connection,
@@ -153,15 +187,33 @@ class Ledger:
         await conn.execute(self._finish_sql, load_id, state, message)
 
 
-async def lock_table(conn: asyncpg.Connection, table_oid: int, table: str, wait: float) -> None:
-    """Take the table's load lock on this session (a crash releases it), waiting up to `wait` s."""
+@dataclass(frozen=True)
+class Lease:
+    """A run's claim on its target table: one load per table at a time (see sql.TAKE_LEASE).
+    `direct`: the run's session is its own server session (no pooler), so its end frees the
+    table at once; else only the expiry, `seconds` after the last renewal, does."""
+
+    table_oid: int
+    table: str
+    holder: str
+    client: str
+    direct: bool
+    seconds: float
+
+
+async def take_lease(conn: asyncpg.Connection, ledger: Ledger, lease: Lease, wait: float) -> None:
+    """Take the table's lease, waiting up to `wait` s while another load holds it; then
+    TryAgainLater, naming that load."""
     deadline = time.monotonic() + wait
-    while not await conn.fetchval(sql.TRY_TABLE_LOCK, table_oid):
+    while not await ledger.take_lease(conn, lease):
         if time.monotonic() >= deadline:
-            holder = await conn.fetchrow(sql.TABLE_LOCK_HOLDER, table_oid)
-            who = f" (server pid {holder['pid']}, connected {holder['backend_start']:%Y-%m-%d %H:%M:%S %Z})" if holder else ""
+            holder = await ledger.lease_holder(conn, lease.table_oid)
+            who = ""
+            if holder is not None:
+                load = f"load {holder['load_id']}, " if holder["load_id"] else ""
+                who = f" ({load}{holder['client']}, since {holder['taken_at']:%Y-%m-%d %H:%M:%S %Z})"
             waited = f" after waiting {wait:g} s" if wait else ""
             raise TryAgainLater(
-                f"another load of {table} is running{who}{waited}; try again later, or pass --wait-lock SECONDS"
+                f"another load of {lease.table} is running{who}{waited}; try again later, or pass --wait-lock SECONDS"
             )
         await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))

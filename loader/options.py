@@ -299,6 +299,7 @@ class LoadOptions(ConnectOptions):
     restart: bool = False  # start a new load even though an unfinished one exists
     force: bool = False  # load again a source that was fully loaded
     wait_lock: float = 0.0  # seconds to wait for another load of the table to finish
+    lease: float = 60.0  # seconds another load waits for this one to renew its hold on the table
     auto_workers: bool = False  # adapt the batches in flight between 1 and `workers`
     deadline: float | None = None  # Unix time after which no batch starts (exit 75, resumable)
     max_rate: Rate | None = None
@@ -330,6 +331,9 @@ class LoadOptions(ConnectOptions):
         if self.max_lag_wait is not None and self.max_replica_lag is None:
             raise UsageError("--max-lag-wait goes with --max-replica-lag")
         check_seconds("--wait-lock", self.wait_lock, zero=True)
+        check_seconds("--lease", self.lease)
+        if self.lease < 2:
+            raise UsageError("--lease must be at least 2 seconds: the load renews it every quarter of it")
         if self.load_name is not None and not self.load_name.strip():
             raise UsageError("--load-name cannot be empty")
         if self.max_errors is not None and self.max_errors < 0:

@@ -23,7 +23,7 @@ import asyncpg
 from . import rejects as rejects_file
 from .batching import Batch, Batcher, parse_header
 from .concurrency import Concurrency
-from .connect import connect, open_pool
+from .connect import connect, open_pool, transaction_settings
 from .errors import TOO_MANY_CONNECTIONS, Interrupted, LoaderError, SourceChanged, TryAgainLater, UsageError, sqlstate
 from .ledger import Ledger
 from .options import ConnectOptions, LoadOptions, check_writable
@@ -125,6 +125,12 @@ class _Load:
     async def _workers(self) -> int:
         """--workers, lowered to what the server can spare (see pressure.ConnectionBudget)."""
         wanted = self.options.workers
+        if self.session.pooled:
+            log.warning(
+                "loader: connected through a connection pooler: its pool's limit cannot be read from the server; "
+                "using %s %d as given", "--max-workers" if self.options.auto_workers else "--workers", wanted,
+            )
+            return wanted
         budget = await connection_budget(self.session.conn)
         if budget.allowed < 1:
             raise TryAgainLater(f"no connection to spare for a load: {budget.describe()}")
@@ -145,7 +151,7 @@ class _Load:
     ) -> None:
         options, report = self.options, self.report
         application_name = f"{options.application_name} {planned.load_id}"[:63]
-        await self.session.name(application_name)
+        await self.session.name(application_name, planned.load_id)
         report.workers = workers
         if planned.committed:
             log.info("%s: resuming load %s: %d batches were committed by earlier runs", options.source, planned.load_id, len(planned.committed))
@@ -155,13 +161,15 @@ class _Load:
         self.concurrency = concurrency = Concurrency(workers, options.auto_workers)
         stop = Stop()
         replicas = self._replica_watch(stop)
-        pool = await open_pool(options, workers, application_name, self.on_retry, lazy=options.auto_workers)
+        pool = await open_pool(
+            options, workers, application_name, self.on_retry, lazy=options.auto_workers, pooled=self.session.pooled
+        )
         error: LoaderError | None = None
         try:
             pace = Pace(TokenBucket(options.max_rate.amount), options.max_rate.unit) if options.max_rate else None
             sink = Sink(
                 pool, target, columns, self.dialect, self.ledger, planned.load_id, options.retry, self._on_batch_retry, pace,
-                before_commit=self._before_commit,
+                before_commit=self._before_commit, settings=transaction_settings(options),
             )
             stream = Stream(
                 batches, sink, planned, report, concurrency, workers, options.max_errors,

@@ -16,8 +16,12 @@ from .options import RetryPolicy
 TOO_MANY_CONNECTIONS_PATIENCE_S = 600.0
 
 
-def retrying(policy: RetryPolicy, on_retry: Callable[[BaseException], None] | None = None) -> AsyncRetrying:
-    """An AsyncRetrying that retries only transient errors and re-raises the last one."""
+def retrying(
+    policy: RetryPolicy,
+    on_retry: Callable[[BaseException], None] | None = None,
+    transient: Callable[[BaseException], bool] = is_transient,
+) -> AsyncRetrying:
+    """An AsyncRetrying that retries only `transient` errors and re-raises the last one."""
 
     def before_sleep(state: RetryCallState) -> None:
         if on_retry is not None and state.outcome is not None:
@@ -34,7 +38,7 @@ def retrying(policy: RetryPolicy, on_retry: Callable[[BaseException], None] | No
     return AsyncRetrying(
         stop=stop,
         wait=wait_exponential_jitter(multiplier=policy.initial_wait, max=policy.max_wait, jitter=policy.initial_wait),
-        retry=retry_if_exception(is_transient),
+        retry=retry_if_exception(transient),
         before_sleep=before_sleep,
         reraise=True,
     )

@@ -1,31 +1,42 @@
-"""The load's own connection: it holds the table's lock for the whole load, plans the load,
+"""The load's own connection: it holds the table's lease for the whole load, plans the load,
 watches the replicas and closes the load in the ledger; the pool's connections only load
-batches. When the server restarts under it, it reconnects and takes the lock back, or stops
-the load (exit 75) if another load took the table meanwhile."""
+batches. When the server restarts under it, it reconnects and takes the lease back, or stops
+the load (exit 75) if another load took the table meanwhile.
+
+The lease (see ledger.Lease) is a row in the ledger rather than a lock held by the session,
+so that exclusion works through a connection pooler too, where "the session" is whichever
+server connection the pooler lends for the next statement."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import socket
+import time
+import uuid
 from collections.abc import Callable
 from types import TracebackType
 
 import asyncpg
 
 from . import sql
-from .connect import connect
-from .ledger import lock_table
+from .connect import connect, is_pooled
+from .errors import TryAgainLater, is_transient
+from .ledger import Lease, Ledger, take_lease
 from .options import LoadOptions
 from .stop import unless_interrupted
 
 log = logging.getLogger("loader")
 
 SESSION_CHECK_S = 0.5
+RENEWALS_PER_LEASE = 4  # a renewal may fail (a lost connection) and the lease still hold
 
 
 class ControlSession:
     """`async with ControlSession(options, on_retry, interrupt) as session`: connected on entry
-    (a signal meanwhile cancels it), closed on exit."""
+    (a signal meanwhile cancels it); on exit the lease is given up and the session closed."""
 
     def __init__(
         self, options: LoadOptions, on_retry: Callable[[BaseException], None], interrupt: asyncio.Event | None = None
@@ -34,18 +45,28 @@ class ControlSession:
         self.on_retry = on_retry
         self.interrupt = interrupt
         self.application_name = options.application_name
-        self.table: tuple[int, str] | None = None  # (oid, name) once the lock is held
+        self.pooled = False  # a connection pooler stands between us and the server
+        self.ledger = Ledger(options.ledger_schema)
+        self.lease: Lease | None = None  # once the table is ours
+        self._holder = uuid.uuid4().hex
+        self._renewed = 0.0
         self._conn: asyncpg.Connection | None = None
 
     async def __aenter__(self) -> ControlSession:
         self._conn = await unless_interrupted(connect(self.options, on_retry=self.on_retry), self.interrupt)
+        self.pooled = await is_pooled(self._conn)
         return self
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._conn is not None and not self._conn.is_closed():
-            await self._conn.close()
+        if self._conn is None or self._conn.is_closed():
+            return
+        if self.lease is not None:  # else the next run waits for the session's end, or the expiry
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):
+                    await self.ledger.release_lease(self._conn, self.lease)
+        await self._conn.close()
 
     @property
     def conn(self) -> asyncpg.Connection:
@@ -54,7 +75,7 @@ class ControlSession:
         return self._conn
 
     async def get(self) -> asyncpg.Connection:
-        """The connection, reconnected (and the lock taken back) if the server ended it. A
+        """The connection, reconnected (and the lease taken back) if the server ended it. A
         FATAL read while the connection was idle (a server restart) leaves it looking open,
         and its next call fails on the client: a trivial query tells, and the failure closes
         it. (Callers are sequential: the replica watcher while batches load, the end after.)"""
@@ -69,24 +90,53 @@ class ControlSession:
         return self.conn
 
     async def lock(self, table_oid: int, table: str) -> None:
-        await lock_table(self.conn, table_oid, table, self.options.wait_lock)
-        self.table = (table_oid, table)
+        """Take the table's lease, waiting up to --wait-lock while another load holds it."""
+        lease = Lease(
+            table_oid, table, self._holder, f"{socket.gethostname()} pid {os.getpid()}", not self.pooled, self.options.lease
+        )
+        await take_lease(self.conn, self.ledger, lease, self.options.wait_lock)
+        self.lease, self._renewed = lease, time.monotonic()
 
-    async def name(self, application_name: str) -> None:
+    async def name(self, application_name: str, load_id: str) -> None:
+        """The load is planned: its sessions and its lease say which load they are."""
         self.application_name = application_name
         await self.conn.execute(sql.SET_APPLICATION_NAME, application_name)
+        await self._renew(load_id)
 
     async def reconnect(self) -> None:
         log.warning("loader: the load's session was lost (server restart?): reconnecting")
         self._conn = await connect(self.options, on_retry=self.on_retry)
         await self._conn.execute(sql.SET_APPLICATION_NAME, self.application_name)
-        if self.table is not None:  # taken back at once, or another load got it meanwhile: exit 75
-            await lock_table(self._conn, *self.table, wait=0.0)
+        if self.lease is not None:  # taken back at once, or another load got it meanwhile: exit 75
+            self.pooled = await is_pooled(self._conn)
+            lease = Lease(
+                self.lease.table_oid, self.lease.table, self._holder, self.lease.client, not self.pooled, self.lease.seconds
+            )
+            await take_lease(self._conn, self.ledger, lease, wait=0.0)
+            self.lease, self._renewed = lease, time.monotonic()
+
+    async def _renew(self, load_id: str | None = None) -> None:
+        assert self.lease is not None
+        if not await self.ledger.renew_lease(self.conn, self.lease, load_id):
+            raise TryAgainLater(
+                f"another load took {self.lease.table} over: this one had not renewed its lease for "
+                f"{self.lease.seconds:g} s (see --lease); run the same command again to resume"
+            )
+        self._renewed = time.monotonic()
 
     async def keep(self) -> None:
-        """Watch the session while batches load, so the lock is taken back as soon as it can be.
-        Returns only by raising (TryAgainLater when another load took the table)."""
+        """Watch the session while batches load, so the lease is taken back as soon as it can
+        be, and renew the lease well before it expires. Returns only by raising (TryAgainLater
+        when another load took the table)."""
         while True:
             await asyncio.sleep(SESSION_CHECK_S)
             if self.conn.is_closed():
                 await self.reconnect()
+            elif self.lease is not None and time.monotonic() - self._renewed >= self.lease.seconds / RENEWALS_PER_LEASE:
+                try:
+                    await self._renew()
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise
+                    if self.conn.is_closed():
+                        await self.reconnect()  # else tried again at the next check

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import asyncpg
 
@@ -111,6 +112,7 @@ class Sink:
         on_retry: Callable[[BaseException], None] | None = None,
         pace: Pace | None = None,
         before_commit: BeforeCommit = _nothing_before_commit,
+        settings: Mapping[str, str] = MappingProxyType({}),  # SET LOCAL in each batch (connect.transaction_settings)
     ) -> None:
         self._pool = pool
         self.target = target
@@ -122,7 +124,7 @@ class Sink:
         self._on_retry = on_retry
         self._pace = pace
         self._before_commit = before_commit  # the last word on a batch: raising rolls it back
-        self._begin = sql.begin_batch(target.schema, target.name, lockable=target.relkind != "f")
+        self._begin = sql.begin_batch(target.schema, target.name, target.relkind != "f", settings)
         self._newline = dialect.newline.encode()
         self._copy_statement = copy_statement(target.schema, target.name, columns, dialect)
         self.copies = 0  # COPY statements sent, for the report and the fast-path test

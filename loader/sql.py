@@ -74,13 +74,14 @@ SELECT EXISTS (SELECT FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamesp
                 WHERE n.nspname = $1 AND c.relname = 'rejects')
 """
 
-# Whether the ledger exists (as LEDGER_EXISTS), and whether the current role holds every
-# privilege named in $3 (one per element: has_*_privilege with "SELECT, INSERT" means any of
-# them, not all) on each ledger table named in $2, and USAGE on the schema $1 (names as they
-# are, not quoted). A missing table counts as not granted.
+# Whether the ledger exists whole (its last table, leases, too: ledger.sql adds what a ledger
+# made by an earlier version lacks), and whether the current role holds every privilege named
+# in $3 (one per element: has_*_privilege with "SELECT, INSERT" means any of them, not all) on
+# each ledger table named in $2, and USAGE on the schema $1 (names as they are, not quoted).
+# A missing table counts as not granted.
 LEDGER_PRIVILEGES = """
 SELECT current_user AS role,
-       EXISTS (SELECT FROM pg_class c WHERE c.relnamespace = n.oid AND c.relname = 'rejects') AS present,
+       EXISTS (SELECT FROM pg_class c WHERE c.relnamespace = n.oid AND c.relname = 'leases') AS present,
        n.oid IS NOT NULL AND has_schema_privilege(n.oid, 'USAGE') AND NOT EXISTS (
            SELECT FROM unnest($2::text[]) AS t(name) CROSS JOIN unnest($3::text[]) AS p(privilege)
             WHERE NOT coalesce((SELECT has_table_privilege(c.oid, p.privilege) FROM pg_class c
@@ -112,31 +113,66 @@ UPDATE {schema}.loads SET state = 'running', runs = runs + 1, finished_at = NULL
 
 COUNT_REJECTS = "SELECT count(*) FROM {schema}.rejects WHERE load_id = $1"
 
+LOAD_OPTIONS = "SELECT target_table, boundaries::text AS boundaries FROM {schema}.loads WHERE load_id = $1"
+
 UPDATE_SOURCE = "UPDATE {schema}.loads SET source_size = $2, source_mtime = $3 WHERE load_id = $1"
 
 COMMITTED_BATCHES = """
 SELECT batch_no, checksum, rows_loaded, rows_rejected FROM {schema}.batches WHERE load_id = $1
 """
 
-# One loader per table at a time: a session advisory lock, released if the session dies.
-TRY_TABLE_LOCK = "SELECT pg_try_advisory_lock(hashtextextended('loader table ' || $1::oid::text, 0))"
+# One loader per table at a time: a lease row in the ledger (see ledger.sql), which works
+# through a connection pooler as well as directly. A lease is live until it expires and, when
+# it names the session that took it (a direct connection), only while that session exists:
+# a crashed load's direct session ends at once, so the next run need not wait for the expiry.
+# (pg_stat_activity hides backend_start of other roles' sessions: then the pid alone counts.)
+LEASE_LIVE = """(
+    {alias}.expires_at > clock_timestamp() AND (
+        {alias}.backend_pid IS NULL OR EXISTS (
+            SELECT FROM pg_stat_activity a
+             WHERE a.pid = {alias}.backend_pid
+               AND (a.backend_start IS NULL OR a.backend_start = {alias}.backend_start))))"""
 
-TABLE_LOCK_HOLDER = """
-SELECT a.pid, a.application_name, a.backend_start
-  FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
- WHERE l.locktype = 'advisory' AND l.granted
-   AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended('loader table ' || $1::oid::text, 0)
- LIMIT 1
+# $1 table oid, $2 table name, $3 holder, $4 client, $5 own session (direct), $6 lease seconds.
+# Taken when free (no row, expired, its session gone) or already ours; no row back: taken.
+TAKE_LEASE = """
+INSERT INTO {schema}.leases AS l
+       (table_oid, target_table, holder, client, backend_pid, backend_start, taken_at, expires_at)
+SELECT $1::oid, $2::text, $3::text, $4::text,
+       CASE WHEN $5::bool THEN pg_backend_pid() END,
+       CASE WHEN $5::bool THEN (SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()) END,
+       clock_timestamp(), clock_timestamp() + $6::float8 * interval '1 second'
+ON CONFLICT (table_oid) DO UPDATE
+   SET target_table = EXCLUDED.target_table, holder = EXCLUDED.holder, client = EXCLUDED.client,
+       load_id = CASE WHEN l.holder = EXCLUDED.holder THEN l.load_id END,
+       backend_pid = EXCLUDED.backend_pid, backend_start = EXCLUDED.backend_start,
+       taken_at = EXCLUDED.taken_at, expires_at = EXCLUDED.expires_at
+ WHERE l.holder = EXCLUDED.holder OR NOT """ + LEASE_LIVE.format(alias="l") + """
+RETURNING holder
+"""
+
+# $1 table oid, $2 holder, $3 lease seconds, $4 load id (NULL: unchanged). No row back: the
+# lease was lost (expired, and another load took it over).
+RENEW_LEASE = """
+UPDATE {schema}.leases SET expires_at = clock_timestamp() + $3::float8 * interval '1 second',
+       load_id = coalesce($4::text, load_id)
+ WHERE table_oid = $1 AND holder = $2
+RETURNING holder
+"""
+
+RELEASE_LEASE = """
+UPDATE {schema}.leases SET expires_at = '-infinity' WHERE table_oid = $1 AND holder = $2
+"""
+
+# Who holds the table's lease, for the message of a run that cannot take it.
+LEASE_HOLDER = """
+SELECT client, load_id, taken_at, expires_at, backend_pid IS NULL AS pooled
+  FROM {schema}.leases l WHERE table_oid = $1 AND """ + LEASE_LIVE.format(alias="l") + """
 """
 
 # What status shows. The stored states stay as the loader writes them; shown are:
-# - a load stored `running` is live only while the session advisory lock on its table (see
-#   TRY_TABLE_LOCK) is held in this database by a session that is not another load's (a load
-#   names its sessions "<application name> <load id>" once planned; a name cut short at 63
-#   characters, or not yet set, does not rule a holder out); else its process is gone
-#   (kill -9, OOM, reboot): `interrupted`. pg_locks and pg_stat_activity's application_name
-#   are readable by every role; the table is looked up in the catalogs (parse_ident of the
-#   stored quoted name) rather than by to_regclass, which raises for a schema without USAGE.
+# - a load stored `running` is live only while it holds its table's lease (see LEASE_LIVE);
+#   else its process is gone (kill -9, OOM, reboot): `interrupted`.
 # - rows of a load stored `running` (live or dead) are those of its committed batches (the
 #   totals are written when a load finishes), and its duration ends at its last commit if dead;
 # - a load that succeeded with rejected rows: `finished-with-rejects`.
@@ -148,17 +184,7 @@ WITH recent AS (
 ), shown AS (
     SELECT r.*, b.loaded, b.rejected, b.last_commit,
            r.state = 'running' AND EXISTS (
-               SELECT FROM pg_locks k LEFT JOIN pg_stat_activity a ON a.pid = k.pid
-                WHERE k.locktype = 'advisory' AND k.granted AND k.objsubid = 1
-                  AND k.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-                  AND ((k.classid::bigint << 32) | k.objid::bigint) = (
-                      SELECT hashtextextended('loader table ' || c.oid::text, 0)
-                        FROM parse_ident(r.target_table) AS name
-                        JOIN pg_namespace n ON n.nspname = name[1]
-                        JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = name[2]
-                       WHERE cardinality(name) = 2)
-                  AND (coalesce(a.application_name, '') !~ ' [0-9a-f]{{32}}$'
-                       OR right(a.application_name, 32) = r.load_id)
+               SELECT FROM {schema}.leases l WHERE l.load_id = r.load_id AND """ + LEASE_LIVE.format(alias="l") + """
            ) AS live
       FROM recent r
       LEFT JOIN LATERAL (
@@ -246,18 +272,22 @@ SELECT pg_current_wal_lsn() AS current,
 
 SET_APPLICATION_NAME = "SELECT set_config('application_name', $1, false)"
 
+BACKEND_PID = "SELECT pg_backend_pid()"
+
 
 # --- COPY ----------------------------------------------------------------------------------
 
 
-def begin_batch(schema: str, table: str, lockable: bool) -> str:
-    """A batch's BEGIN, which also locks the target by name as its COPY will (ROW EXCLUSIVE,
-    only the named table, not each partition): until the batch commits the name cannot move
-    to another table, so the claim's check that it is the planned one holds for the COPY.
-    (LOCK TABLE refuses foreign tables: for them the claim's check alone.)"""
-    if not lockable:
-        return "BEGIN"
-    return f"BEGIN; LOCK TABLE ONLY {qualified(schema, table)} IN ROW EXCLUSIVE MODE"
+def begin_batch(schema: str, table: str, lockable: bool, settings: Mapping[str, str]) -> str:
+    """A batch's BEGIN, with its settings (SET LOCAL: names are the loader's own, values go as
+    literals), which also locks the target by name as its COPY will (ROW EXCLUSIVE, only the
+    named table, not each partition): until the batch commits the name cannot move to another
+    table, so the claim's check that it is the planned one holds for the COPY. (LOCK TABLE
+    refuses foreign tables: for them the claim's check alone.) One message, one round trip."""
+    statements = ["BEGIN", *(f"SET LOCAL {name} TO {quote_literal(value)}" for name, value in settings.items())]
+    if lockable:
+        statements.append(f"LOCK TABLE ONLY {qualified(schema, table)} IN ROW EXCLUSIVE MODE")
+    return "; ".join(statements)
 
 
 

@@ -4,8 +4,8 @@
 --     psql -v role=etl -f sql/grants.sql                  # ledger in the schema "loader"
 --     psql -v role=etl -v schema=ledger -f sql/grants.sql # ... or the one --ledger-schema names
 --
--- USAGE on the schema; SELECT, INSERT, UPDATE on its tables loads, batches and rejects
--- (`loader status` alone needs only USAGE and SELECT on loads and batches). The role also
+-- USAGE on the schema; SELECT, INSERT, UPDATE on its tables loads, batches, rejects
+-- and leases (`loader status` alone needs only USAGE and SELECT on loads, batches and leases). The role also
 -- needs INSERT on the target tables, which this script does not grant. Names are taken as
 -- they are (psql quotes them as identifiers); running it again changes nothing. Needs psql 10+.
 
@@ -23,5 +23,5 @@
 
 BEGIN;
 GRANT USAGE ON SCHEMA :"schema" TO :"role";
-GRANT SELECT, INSERT, UPDATE ON :"schema".loads, :"schema".batches, :"schema".rejects TO :"role";
+GRANT SELECT, INSERT, UPDATE ON :"schema".loads, :"schema".batches, :"schema".rejects, :"schema".leases TO :"role";
 COMMIT;

@@ -1,4 +1,4 @@
--- The load ledger: one row per load, one row per committed batch.
+-- The load ledger: one row per load, one row per committed batch, and a lease per table.
 -- A batch's row is inserted in the same transaction as the batch's rows, so a batch is
 -- either loaded and recorded, or neither. Run idempotently when the ledger is missing;
 -- {schema} is replaced by the quoted ledger schema name (default "loader"), which the
@@ -50,4 +50,20 @@ CREATE TABLE IF NOT EXISTS {schema}.rejects (
     record         bytea NOT NULL,            -- the raw record, as in the source
     PRIMARY KEY (load_id, line),
     FOREIGN KEY (load_id, batch_no) REFERENCES {schema}.batches ON DELETE CASCADE
+);
+
+-- One load per table at a time: the load that holds a table's lease renews it while it runs
+-- and gives it up when it ends. Another load may take it over once it has expired, or at once
+-- when the session that took it (backend_pid, on a direct connection) is gone. Through a
+-- connection pooler backend_pid is NULL: the server session is not the load's own.
+CREATE TABLE IF NOT EXISTS {schema}.leases (
+    table_oid      oid PRIMARY KEY,
+    target_table   text NOT NULL,
+    holder         text NOT NULL,             -- the run holding it (a random token)
+    load_id        text,                      -- its load, once planned
+    client         text NOT NULL,             -- host and process of that run, for messages
+    backend_pid    integer,
+    backend_start  timestamptz,
+    taken_at       timestamptz NOT NULL,
+    expires_at     timestamptz NOT NULL
 );

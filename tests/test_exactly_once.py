@@ -81,7 +81,7 @@ END_LOADER_SESSIONS = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_acti
 
 WAITING_FOR_THE_TABLE = """
 SELECT count(*) FROM pg_stat_activity
- WHERE application_name LIKE 'loader%' AND query ILIKE '%pg_try_advisory_lock%'
+ WHERE application_name LIKE 'loader%' AND query ILIKE '%INSERT INTO "loader".leases%'
 """
 
 
@@ -498,8 +498,8 @@ def test_a_server_restart_mid_load_puts_no_traceback_on_stderr(
 def test_after_a_server_restart_the_running_load_still_keeps_a_second_run_out(
     db: Db, local_cluster: LocalCluster, tmp_path: Path, gates: Gates
 ) -> None:
-    """README: the load holds the table's advisory lock "for its whole duration", a server
-    restart included: the load's own session, which holds it, reconnects and takes it back, so
+    """README: the load holds the table "for its whole duration", a server
+    restart included: the load's own session reconnects and takes its lease back, so
     a second run started while the first loads through new connections exits 75."""
     rows, batch = 20_000, 2000
     db.script(paced_events(primary_key=True, every=batch))

@@ -162,7 +162,7 @@ def test_grants_sql_quotes_the_role_and_the_schema(db: Db, tmp_path: Path) -> No
 
 
 def test_status_needs_only_to_read_the_ledger(db: Db, tmp_path: Path, role: str) -> None:
-    """USAGE on the ledger's schema and SELECT on loads and batches are enough for `status`,
+    """USAGE on the ledger's schema and SELECT on loads, batches and leases are enough for `status`,
     also for loads into tables the role cannot see; `import` still asks for the rest."""
     db.sql("CREATE SCHEMA hidden")
     db.script(PACED_EVENTS.format(table="hidden.events"))
@@ -172,7 +172,7 @@ def test_status_needs_only_to_read_the_ledger(db: Db, tmp_path: Path, role: str)
     kill_9(proc)
 
     db.sql(f"GRANT USAGE ON SCHEMA loader TO {role}")
-    db.sql(f"GRANT SELECT ON loader.loads, loader.batches TO {role}")
+    db.sql(f"GRANT SELECT ON loader.loads, loader.batches, loader.leases TO {role}")
     env = as_role(db.dsn)
     until(lambda: [x["state"] for x in status(db, env)] == ["interrupted"])
     [load] = status(db, env)
@@ -248,3 +248,25 @@ def test_status_shows_a_load_that_left_rows_out_as_finished_with_rejects(db: Db,
     assert text.code == 0, text.stderr
     _, first, second = text.stdout.splitlines()
     assert first.split()[2] == "succeeded" and second.split()[2] == "finished-with-rejects"
+
+
+def test_a_ledger_made_by_an_earlier_version_is_brought_up_to_date_by_the_next_load(db: Db, tmp_path: Path) -> None:
+    """A ledger without the leases table (made before loads held a table by lease): `status`
+    says the next load updates it (exit 2); the next load does, and loads; then `status`
+    shows the loads of before and after."""
+    from loader import sql
+
+    earlier = sql.sql_file("ledger.sql").split("-- One load per table at a time")[0]
+    db.script(sql.render("CREATE SCHEMA {schema};\n" + earlier, schema="loader"))
+    db.sql(
+        "INSERT INTO loader.loads (load_id, target_table, source, boundaries, state) "
+        "VALUES ('0123456789abcdef0123456789abcdef', '\"public\".\"old\"', 'old.csv', '{}', 'succeeded')"
+    )
+    told = db.loader("status")
+    assert told.code == 2, told.stderr
+    assert "earlier version" in one_error_line(told) and "the next load brings it up to date" in told.stderr
+
+    db.sql("CREATE TABLE events (id bigint PRIMARY KEY, name text, note text, amount numeric, at timestamptz, flag boolean)")
+    csv = write_csv(tmp_path / "events.csv", event_rows(100), EVENTS_HEADER)
+    assert db.loader("import", str(csv), "-t", "events").code == 0
+    assert [load["source"] for load in status(db)] == [str(csv), "old.csv"]
