@@ -98,7 +98,7 @@ class LoadArgs:
     """The options of a load, each declared once: flag, help, environment variable, and a
     default taken from options.py. _load_command makes them the parameters of a command."""
 
-    table: Annotated[str, _option("--table", "-t", help='Target table as in SQL: schema.table, "Quoted Names" keep their case.', env="TABLE", show_default=False)]
+    table: Annotated[Optional[str], _option("--table", "-t", help='Target table as in SQL: schema.table, "Quoted Names" keep their case.', env="TABLE", show_default=False)]
     dsn: Dsn = ConnectOptions.dsn
     header: Annotated[bool, _option("--header/--no-header", help="The first record names the columns.", env="HEADER")] = CsvDialect.header
     columns: Annotated[Optional[str], _option("--columns", help="Target columns in file order, comma-separated. Default: the header's names, or with --no-header the table's columns.", env="COLUMNS", show_default=False)] = None
@@ -146,7 +146,8 @@ class _Command(typer.core.TyperCommand):
 def _load_command(name: str, *, without: tuple[str, ...] = ()) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Register `command(argument, args: LoadArgs)` as `loader NAME`. typer reads options from
     a signature, so the one it is given is the command's own parameters followed by the fields
-    of LoadArgs, but those named in `without` (which keep their defaults)."""
+    of LoadArgs, but those named in `without` (which keep their defaults) and those the command
+    declares itself (its value goes to LoadArgs too)."""
     assert set(without) <= {f.name for f in dataclasses.fields(LoadArgs)}, without
     hints = typing.get_type_hints(LoadArgs, include_extras=True)
     shared = [
@@ -162,12 +163,15 @@ def _load_command(name: str, *, without: tuple[str, ...] = ()) -> Callable[[Call
 
     def register(command: Callable[..., None]) -> Callable[..., None]:
         own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "args"]
+        rest = [p for p in shared if p.name not in {o.name for o in own}]
+        fields = {f.name for f in dataclasses.fields(LoadArgs)}
 
         def run(**given: Any) -> None:
-            command(**{p.name: given[p.name] for p in own}, args=LoadArgs(**{p.name: given[p.name] for p in shared}))
+            args = LoadArgs(**{name: value for name, value in given.items() if name in fields})
+            command(**{p.name: given[p.name] for p in own}, args=args)
 
-        run.__signature__ = inspect.Signature([*own, *shared])  # type: ignore[attr-defined]
-        run.__annotations__ = {p.name: p.annotation for p in (*own, *shared)}
+        run.__signature__ = inspect.Signature([*own, *rest])  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in (*own, *rest)}
         run.__name__, run.__qualname__, run.__doc__ = command.__name__, command.__qualname__, command.__doc__
         app.command(name, epilog=EXIT_CODES, cls=_Command)(run)
         return command
@@ -189,7 +193,7 @@ def _load_options(source: str, args: LoadArgs) -> LoadOptions:
     count, auto = _workers(args.workers, args.max_workers)
     options = LoadOptions(
         source=source,
-        table=args.table,
+        table=args.table or "",
         dialect=CsvDialect(
             delimiter=parse_delimiter(args.delimiter), quote=args.quote, escape=args.escape, null=args.null, encoding=args.encoding, header=args.header
         ),
@@ -239,7 +243,7 @@ def _prepared(args: LoadArgs, build: Callable[[], LoadOptions]) -> LoadOptions:
         return build()
     except LoaderError as exc:
         if args.metrics_file:
-            metrics.write(Path(args.metrics_file), args.table, exc.exit_code, None, 0.0)
+            metrics.write(Path(args.metrics_file), args.table or "", exc.exit_code, None, 0.0)
         raise
 
 
@@ -289,7 +293,8 @@ def _run(job: Job, args: LoadArgs, progress: bool) -> None:
         raise
     finally:
         if args.metrics_file:
-            metrics.write(Path(args.metrics_file), args.table, code, report, time.monotonic() - started)
+            table = args.table or (report.table if report is not None else "")  # retry-rejects: the original's
+            metrics.write(Path(args.metrics_file), table, code, report, time.monotonic() - started)
     _print_report(report, args.json_output)
     raise typer.Exit(report.exit_code)
 
@@ -316,12 +321,23 @@ def import_(
 @_load_command("retry-rejects", without=("load_name", "log_interval"))
 def retry_rejects(
     rejects_file: Annotated[str, typer.Argument(metavar="REJECTS_FILE", help="A rejects file written by `loader import`, its records fixed.", show_default=False)],
+    table: Annotated[Optional[str], _option("--table", "-t", help="Target table. Default: the original load's, with its CSV options (the rejects file names the load).", env="TABLE", show_default=False)] = None,
+    *,
     args: LoadArgs,
 ) -> None:
-    """Load the records of a rejects file (after fixing them) with the original load's options;
-    rows still refused go to REJECTS_FILE.rejects.csv."""
+    """Load the records of a rejects file (after fixing them) into the original load's table
+    with its CSV options; rows still refused go to REJECTS_FILE.rejects.csv."""
     _setup_logging(args.verbose)
-    options = _prepared(args, lambda: _load_options(rejects_file, args))
+
+    def build() -> LoadOptions:
+        if table:  # the command line says it all, as for import
+            return _load_options(rejects_file, args)
+        connect = ConnectOptions(dsn=args.dsn, ledger_schema=args.ledger_schema)
+        original = asyncio.run(pipeline.original_load(rejects_file, connect))
+        options = _load_options(rejects_file, dataclasses.replace(args, table=original.table))
+        return dataclasses.replace(options, dialect=original.dialect, columns=original.columns)
+
+    options = _prepared(args, build)
     _run(lambda interrupt, on_start: pipeline.retry_rejects(rejects_file, options, interrupt), args, progress=False)
 
 

@@ -295,6 +295,7 @@ class LoadOptions(ConnectOptions):
     max_errors: int | None = None  # stop once more rows than this were rejected; None: no limit
     # For a source derived from another file (retry-rejects): the original line of each of its lines.
     source_lines: tuple[int, ...] | None = None
+    shown_as: str | None = None  # ... and the name it goes by in messages and the ledger
     load_name: str | None = None  # --load-name: names the load, so that stdin can resume
     restart: bool = False  # start a new load even though an unfinished one exists
     force: bool = False  # load again a source that was fully loaded

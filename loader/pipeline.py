@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import tempfile
@@ -23,10 +24,10 @@ import asyncpg
 from . import rejects as rejects_file
 from .batching import Batch, Batcher, parse_header
 from .concurrency import Concurrency
-from .connect import connect, open_pool, transaction_settings
+from .connect import connect, describe_server, open_pool, resolve_dsn, transaction_settings
 from .errors import TOO_MANY_CONNECTIONS, Interrupted, LoaderError, SourceChanged, TryAgainLater, UsageError, sqlstate
 from .ledger import Ledger
-from .options import ConnectOptions, LoadOptions, check_writable
+from .options import ConnectOptions, CsvDialect, LoadOptions, check_writable
 from .plan import Plan, mtime, plan
 from .pressure import ReplicaLag, connection_budget, require_monitor
 from .progress import Waits
@@ -51,7 +52,7 @@ def _columns(options: LoadOptions, target: Target, header: list[str] | None) -> 
             )
         return target.pick_columns(options.columns, "--columns")
     if header is not None:
-        return target.pick_columns(header, f"the header of {options.source}", header=True)
+        return target.pick_columns(header, f"the header of {_shown(options)}", header=True)
     return target.columns
 
 
@@ -59,6 +60,11 @@ def _stopped_state(exc: BaseException) -> str:
     """The ledger state of a load a run did not finish: interrupted when the next run is
     meant to resume it (a signal, the deadline, a lock or a file not ready), else failed."""
     return "interrupted" if isinstance(exc, (Interrupted, TryAgainLater, asyncio.CancelledError)) else "failed"
+
+
+def _shown(options: LoadOptions) -> str:
+    """The source as messages name it (a rejects file, not the temp file retry-rejects loads)."""
+    return options.shown_as or options.source
 
 
 def _rejects_path(options: LoadOptions) -> Path:
@@ -154,9 +160,9 @@ class _Load:
         await self.session.name(application_name, planned.load_id)
         report.workers = workers
         if planned.committed:
-            log.info("%s: resuming load %s: %d batches were committed by earlier runs", options.source, planned.load_id, len(planned.committed))
+            log.info("%s: resuming load %s: %d batches were committed by earlier runs", _shown(options), planned.load_id, len(planned.committed))
         else:
-            log.info("%s: loading into %s as load %s, %s workers", options.source, target.display, planned.load_id,
+            log.info("%s: loading into %s as load %s, %s workers", _shown(options), target.display, planned.load_id,
                      f"auto, at most {workers}" if options.auto_workers else workers)
         self.concurrency = concurrency = Concurrency(workers, options.auto_workers)
         stop = Stop()
@@ -300,7 +306,9 @@ class _Load:
         conn = await self.session.get()
         async with conn.transaction():
             rows = self.ledger.rejects(conn, load_id)
-            await rejects_file.write(self.rejects_path, self.header, remapped(rows), self.options.dialect.python_encoding)
+            await rejects_file.write(
+                self.rejects_path, load_id, self.header, remapped(rows), self.options.dialect.python_encoding
+            )
         self.report.rejects_file = str(self.rejects_path)
 
     def _changed(self, planned: Plan, batch: Batch | None, what: str) -> SourceChanged:
@@ -311,7 +319,7 @@ class _Load:
             else "pass --restart to load it as a new load (rows the earlier runs committed stay in the table: "
             "delete them first if they must not be doubled)"
         )
-        return SourceChanged(f"{self.options.source} changed since load {planned.load_id} read it: {where} {what}; {advice}")
+        return SourceChanged(f"{_shown(self.options)} changed since load {planned.load_id} read it: {where} {what}; {advice}")
 
 
 def _position(source: Source) -> int:
@@ -340,10 +348,10 @@ async def load(
         header_fields = None
         if options.dialect.header:
             record = await asyncio.to_thread(batcher.read_header)
-            header_fields = parse_header(record, options.dialect, source.name) if record is not None else None
+            header_fields = parse_header(record, options.dialect, _shown(options)) if record is not None else None
         else:
             await asyncio.to_thread(batcher.start)  # the line ending, before any batch is sent
-        report = Report(source=source.name, table=options.table, load_id="", workers=options.workers)
+        report = Report(source=_shown(options), table=options.table, load_id="", workers=options.workers)
         report.bytes_total = source.size
         report.bytes_loaded = None if source.compressed else 0  # see _before_commit
         waits = Waits(report, options)  # why the load waits, for progress displays
@@ -401,12 +409,46 @@ async def retry_rejects(rejects_path: str, options: LoadOptions, interrupt: asyn
             load_name=options.load_name or f"retry-rejects {os.path.realpath(rejects_path)}",
             rejects=options.rejects or str(rejects_file.default_path(rejects_path)),
             source_lines=tuple(lines),
+            shown_as=rejects_path,
         )
-        report = await load(derived, interrupt)
+        return await load(derived, interrupt)
     finally:
         os.unlink(tmp)
-    report.source = rejects_path
-    return report
+
+
+@dataclasses.dataclass(frozen=True)
+class Original:
+    """What a load was told of its source and target, as its ledger row keeps it."""
+
+    table: str
+    dialect: CsvDialect
+    columns: tuple[str, ...] | None
+
+
+async def original_load(rejects_path: str, options: ConnectOptions) -> Original:
+    """The table and CSV options of the load that wrote a rejects file (the file names it)."""
+    load_id = rejects_file.read(Path(rejects_path)).load_id
+    retell = "pass --table and the original load's CSV options"
+    if load_id is None:
+        raise UsageError(f"{rejects_path} does not name the load it comes from (an earlier version wrote it): {retell}")
+    conn = await connect(options)
+    try:
+        ledger = Ledger(options.ledger_schema)
+        row = await ledger.load(conn, load_id) if await ledger.exists(conn) else None
+    finally:
+        await conn.close()
+    if row is None:
+        raise UsageError(
+            f"load {load_id}, which {rejects_path} comes from, is not in the ledger (schema {options.ledger_schema}) "
+            f"of {describe_server(resolve_dsn(options.dsn))}: {retell}"
+        )
+    kept = json.loads(row["boundaries"])
+    dialect = CsvDialect(
+        delimiter=kept["delimiter"], quote=kept["quote"], escape=kept["escape"], null=kept.get("null", CsvDialect.null),
+        encoding=kept["encoding"], header=kept["header"],
+    )
+    columns = kept.get("columns")
+    return Original(row["target_table"], dialect, tuple(columns) if columns else None)
 
 
 async def status(options: ConnectOptions, table: str | None, limit: int) -> list[dict[str, object]]:

@@ -67,7 +67,7 @@ def decide(
     if finished and size is not None and (size, mtime) == (previous.source_size, previous.source_mtime):
         done = f"{previous.finished_at:%Y-%m-%d %H:%M:%S %Z}"
         return Decision(Action.NOTHING, load_id, f"already loaded by load {load_id} (finished {done})")
-    recorded = previous.boundaries
+    recorded = {key: previous.boundaries.get(key) for key in boundaries}  # the ledger keeps more (see copy_options)
     if recorded != boundaries:
         changed = ", ".join(f"{k} {recorded.get(k)!r} (now {v!r})" for k, v in boundaries.items() if recorded.get(k) != v)
         if finished:
@@ -106,7 +106,15 @@ def boundaries(options: LoadOptions) -> dict[str, Any]:
     }
 
 
-def source_name(source: Source) -> str:
+def copy_options(options: LoadOptions) -> dict[str, Any]:
+    """What the ledger keeps of a load's options: its boundaries, and what else COPY needs to
+    read its records again as it did (`loader retry-rejects` loads a rejects file with them)."""
+    return {**boundaries(options), "null": options.dialect.null, "columns": list(options.columns or []) or None}
+
+
+def source_name(source: Source, options: LoadOptions) -> str:
+    if options.shown_as is not None:
+        return options.shown_as
     return "-" if source.is_stdin else os.path.abspath(source.name)
 
 
@@ -140,11 +148,11 @@ async def plan(conn: asyncpg.Connection, ledger: Ledger, options: LoadOptions, s
     )
     decision = decide(
         previous, restart=options.restart, force=options.force, size=size, mtime=modified, boundaries=cut,
-        source=options.source,
+        source=options.shown_as or options.source,
     )
     if decision.action is Action.NEW:
         load_id = uuid.uuid4().hex
-        await ledger.start(conn, load_id, key, target.display, source_name(source), size, modified, cut)
+        await ledger.start(conn, load_id, key, target.display, source_name(source, options), size, modified, copy_options(options))
         return Plan(load_id, {})
     assert decision.load_id is not None
     if decision.action is Action.NOTHING:

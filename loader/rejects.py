@@ -3,7 +3,9 @@
 The file is written in bytes: the record column holds the record exactly as it was in the
 source (same encoding, delimiter and quoting, even bytes that do not decode), so a user can
 fix it in place and `loader retry-rejects` can load it with the original options. When the
-original load had a header, the first row carries it (sqlstate empty, message "header").
+original load had a header, a row carries it (line 1, sqlstate empty, message "header").
+The first row names the load the rows come from (line 0, sqlstate empty, message "load",
+the load id as its record): retry-rejects finds the original options in the ledger by it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from .errors import UsageError
 
 COLUMNS = (b"line", b"sqlstate", b"message", b"record")
 HEADER_MESSAGE = "header"
+LOAD_MESSAGE = "load"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +51,7 @@ def _row(line: int, sqlstate: str, message: str, record: bytes, encoding: str) -
 
 
 async def write(
-    path: Path, header: bytes | None, rejects: AsyncIterable[Reject], encoding: str
+    path: Path, load_id: str, header: bytes | None, rejects: AsyncIterable[Reject], encoding: str
 ) -> int:
     """Write the whole file atomically (a temp file renamed over it); returns the rows written."""
     folder = path.parent if str(path.parent) else Path(".")
@@ -57,6 +60,7 @@ async def write(
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(b",".join(COLUMNS) + b"\n")
+            out.write(_row(0, "", LOAD_MESSAGE, load_id.encode(), encoding))
             if header is not None:
                 out.write(_row(1, "", HEADER_MESSAGE, header, encoding))
             async for reject in rejects:
@@ -71,6 +75,7 @@ async def write(
 
 @dataclass(frozen=True)
 class RejectsFile:
+    load_id: str | None  # None: written by a version that did not name the load
     header: bytes | None
     rejects: list[Reject]
 
@@ -86,14 +91,17 @@ def read(path: Path) -> RejectsFile:
     rows = csv.reader(io.StringIO(raw.decode("latin-1"), newline=""))
     if [c.encode("latin-1") for c in next(rows, [])] != list(COLUMNS):
         raise UsageError(f"{path}: not a rejects file (its first line must be {b','.join(COLUMNS).decode()})")
+    load_id: str | None = None
     header: bytes | None = None
     rejects: list[Reject] = []
     for number, row in enumerate(rows, start=2):
         if len(row) != 4 or not row[0].isdigit():
             raise UsageError(f"{path}: line {number} is not a rejects row (line,sqlstate,message,record)")
         line, state, message, record = int(row[0]), row[1], row[2], row[3].encode("latin-1")
-        if not state and message == HEADER_MESSAGE and not rejects and header is None:
+        if line == 0 and not state and message == LOAD_MESSAGE and number == 2:
+            load_id = record.decode("latin-1")
+        elif not state and message == HEADER_MESSAGE and not rejects and header is None:
             header = record
         else:
             rejects.append(Reject(line, state, message, record))
-    return RejectsFile(header, rejects)
+    return RejectsFile(load_id, header, rejects)

@@ -246,12 +246,15 @@ def assert_ids_once(db: Db, rows: int, table: str = "events") -> None:
 
 
 def read_rejects(path: Path) -> tuple[list[tuple[int, str, bytes]], list[tuple[int, str, bytes]]]:
-    """A rejects file: (header rows, reject rows) as (line, sqlstate, raw record bytes)."""
+    """A rejects file: (header rows, reject rows) as (line, sqlstate, raw record bytes); the
+    row naming the load is left out."""
     rows = list(csv.reader(io.StringIO(path.read_bytes().decode("latin-1"), newline="")))
     assert rows[0] == ["line", "sqlstate", "message", "record"]
     header, rejects = [], []
     for r in rows[1:]:
         assert len(r) == 4, r
+        if r[:3] == ["0", "", "load"]:  # the row naming the load
+            continue
         entry = (int(r[0]), r[1], r[3].encode("latin-1"))
         (header if not r[1] and r[2] == "header" else rejects).append(entry)
     return header, rejects

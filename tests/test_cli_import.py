@@ -159,7 +159,7 @@ def test_a_bad_row_is_rejected_and_the_rest_of_its_batch_loads(db: Db, tmp_path:
     assert (report["rows_read"], report["rows_loaded"], report["rows_rejected"]) == (100, 99, 1)
     assert db.value("SELECT count(*) FROM t") == 99
     assert "line 43: 22P02 column id: invalid input syntax for type integer" in run.stderr
-    assert (tmp_path / "bad.csv.rejects.csv").read_bytes().splitlines()[2].startswith(b'43,22P02,"column id: invalid input')
+    assert (tmp_path / "bad.csv.rejects.csv").read_bytes().splitlines()[3].startswith(b'43,22P02,"column id: invalid input')
 
 
 def test_an_empty_file_loads_nothing_and_succeeds(db: Db, tmp_path: Path) -> None:

@@ -268,3 +268,46 @@ def test_with_bad_rows_in_every_batch_only_refused_pieces_are_split_into_records
     assert db.value("SELECT count(*) FROM dense") == 199_800
     assert [r[0] for r in rejects_of(tmp_path / "dense.csv.rejects.csv")] == sorted(2 + 2 * i for i in bad)
     assert 0 < sum(split_sizes) < path.stat().st_size / 3
+
+
+def test_retry_rejects_alone_takes_the_table_and_csv_options_of_the_original_load(db: Db, tmp_path: Path) -> None:
+    """`loader retry-rejects FILE.rejects.csv` needs nothing else: the rejects file names its
+    load, whose table, delimiter, NULL text, encoding and columns the ledger keeps. The report
+    and `status` name the rejects file as the source, and a retry of the retry works alike."""
+    db.sql('CREATE SCHEMA "Sales"')
+    db.sql('CREATE TABLE "Sales"."Items" (id int PRIMARY KEY, qty int, note text, extra text DEFAULT \'d\')')
+    source = tmp_path / "items.psv"
+    source.write_bytes("1;1;café\n2;x;NIL\n3;3;thé\n4;y;b\n".encode("latin-1"))
+    first = db.loader(
+        "import", str(source), "-t", '"Sales"."Items"', "--no-header", "--delimiter", ";", "--null", "NIL",
+        "--encoding", "latin-1", "--columns", "id,qty,note",
+    )
+    assert first.code == 3, first.stderr
+    rejects = tmp_path / "items.psv.rejects.csv"
+    fixed = rejects.read_bytes().replace(b"2;x;NIL", b"2;2;NIL").replace(b"4;y;b", b"4;z;b\xe9")
+    rejects.write_bytes(fixed)
+
+    retry = db.loader("retry-rejects", str(rejects), "--json")
+    assert retry.code == 3, retry.stderr
+    report = retry.json()
+    assert (report["source"], report["table"]) == (str(rejects), '"Sales"."Items"')
+    assert (report["rows_loaded"], report["rows_rejected"]) == (1, 1)
+    assert db.value('SELECT note IS NULL AND extra = \'d\' FROM "Sales"."Items" WHERE id = 2')
+    assert db.value("SELECT source FROM loader.loads ORDER BY started_at DESC LIMIT 1") == str(rejects)
+
+    again = tmp_path / "items.psv.rejects.csv.rejects.csv"
+    again.write_bytes(again.read_bytes().replace(b"4;z;b", b"4;4;b"))
+    last = db.loader("retry-rejects", str(again), "--json")
+    assert last.code == 0, last.stderr
+    assert db.value('SELECT note FROM "Sales"."Items" WHERE id = 4') == "bé"
+    assert db.value('SELECT count(*) FROM "Sales"."Items"') == 4
+
+
+def test_retry_rejects_of_a_file_that_names_no_load_asks_for_the_table(db: Db, tmp_path: Path) -> None:
+    db.sql("CREATE TABLE t (id int)")
+    rejects = tmp_path / "old.rejects.csv"
+    rejects.write_text('line,sqlstate,message,record\n1,,header,"id"\n3,22P02,"bad",x\n')
+    run = db.loader("retry-rejects", str(rejects))
+    assert run.code == 2, run.stderr
+    assert "does not name the load it comes from" in run.stderr and "pass --table" in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1, run.stderr
