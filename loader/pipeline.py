@@ -25,7 +25,17 @@ from . import rejects as rejects_file
 from .batching import Batch, Batcher, parse_header
 from .concurrency import Concurrency
 from .connect import connect, describe_server, open_pool, resolve_dsn, transaction_settings
-from .errors import TOO_MANY_CONNECTIONS, Interrupted, LoaderError, SourceChanged, TryAgainLater, UsageError, sqlstate
+from .errors import (
+    TOO_MANY_CONNECTIONS,
+    Interrupted,
+    LoaderError,
+    SourceChanged,
+    TryAgainLater,
+    UsageError,
+    is_transient,
+    server_message,
+    sqlstate,
+)
 from .ledger import Ledger
 from .options import ConnectOptions, CsvDialect, LoadOptions, check_writable
 from .plan import Plan, mtime, plan
@@ -371,7 +381,13 @@ async def load(
             async with ControlSession(options, on_retry, interrupt) as session:
                 waits.done()
                 job = _Load(options, source, batcher, session, report, on_retry, verified)
-                await unless_interrupted(job.run(batches, header_fields, interrupt), interrupt, until=lambda: job.streaming)
+                try:
+                    await unless_interrupted(job.run(batches, header_fields, interrupt), interrupt, until=lambda: job.streaming)
+                except Exception as exc:  # batches retry their own; the load's session does not
+                    if not is_transient(exc):
+                        raise
+                    reason = server_message(exc) or type(exc).__name__
+                    raise TryAgainLater(f"stopped by a transient failure ({reason}); run the same command again to resume") from None
         except LoaderError as exc:
             report.elapsed_s = time.monotonic() - started
             exc.report = report if report.load_id and not isinstance(exc, UsageError) else None

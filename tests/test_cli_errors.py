@@ -334,3 +334,25 @@ def test_asyncio_log_lines_are_quiet_unless_verbose(verbose: bool) -> None:
     assert len(lines) == 2, proc.stderr
     assert re.match(stamp + r"socket\.send\(\) raised exception\.$", lines[0]), proc.stderr
     assert re.match(stamp + r"Fatal write error on socket transport$", lines[1]), proc.stderr
+
+
+def test_a_transient_failure_while_the_load_prepares_exits_75_to_be_run_again(db: Db, tmp_path: Path) -> None:
+    """A transient server error outside a batch (here a serialization failure raised by the
+    table's statement trigger, which the load's check of the COPY meets first) is no crash:
+    one line, exit 75, nothing loaded; the next run resumes."""
+    db.script(
+        """
+        CREATE TABLE t (id int);
+        CREATE FUNCTION busy() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'try later' USING ERRCODE = 'serialization_failure'; END $$;
+        CREATE TRIGGER busy BEFORE INSERT ON t FOR EACH STATEMENT EXECUTE FUNCTION busy();
+        """
+    )
+    (tmp_path / "t.csv").write_text("id\n1\n")
+    run = db.loader("import", "t.csv", "-t", "t")
+    assert run.code == 75, run.stderr
+    line = one_error_line(run.stderr)
+    assert "transient failure (try later)" in line and "run the same command again" in line
+    db.sql("DROP TRIGGER busy ON t")
+    assert db.loader("import", "t.csv", "-t", "t").code == 0
+    assert db.value("SELECT count(*) FROM t") == 1
