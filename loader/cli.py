@@ -107,6 +107,10 @@ class LoadArgs:
     escape: Annotated[Optional[str], _option("--escape", help="Escape character inside quotes. Default: the quote (doubled quotes).", env="ESCAPE", show_default=False)] = CsvDialect.escape
     null: Annotated[str, _option("--null", help="Unquoted text that means NULL. Default: an unquoted empty field.", env="NULL", show_default=False)] = CsvDialect.null
     encoding: Annotated[str, _option("--encoding", help="Encoding of the file.", env="ENCODING")] = CsvDialect.encoding
+    mode: Annotated[str, _option("--mode", help="append rows; upsert: update rows whose --key exists, insert the others; replace: the table ends up holding the file's rows, readers see the old ones until then.", env="MODE")] = LoadOptions.mode
+    key: Annotated[Optional[str], _option("--key", help="With --mode upsert: the columns a row is matched on, comma-separated (a primary key or unique index of the table).", env="KEY", show_default=False)] = None
+    on_conflict: Annotated[str, _option("--on-conflict", help="With --mode upsert: update the existing row, or keep it (nothing).", env="ON_CONFLICT")] = LoadOptions.on_conflict
+    dry_run: Annotated[bool, _option("--dry-run", help="Send every batch and report what a load would do, rejects included, but commit nothing.", env="DRY_RUN")] = LoadOptions.dry_run
     workers: Annotated[str, _option("--workers", "-w", help="Connections, and batches loading at once; or auto: adapt between 1 and --max-workers to what the server takes. Lowered to the connections the server can spare.", env="WORKERS")] = str(DEFAULT_WORKERS)
     max_workers: Annotated[int, _option("--max-workers", help="The most batches in flight with --workers auto.", env="MAX_WORKERS")] = DEFAULT_MAX_WORKERS
     batch_size: Annotated[int, _option("--batch-size", help="Rows per batch (each batch is one transaction).", env="BATCH_SIZE")] = DEFAULT_BATCH_ROWS
@@ -213,6 +217,10 @@ def _load_options(source: str, args: LoadArgs) -> LoadOptions:
         force=args.force,
         wait_lock=args.wait_lock,
         lease=args.lease,
+        mode=args.mode.strip().lower(),
+        key=_split_columns(args.key),
+        on_conflict=args.on_conflict.strip().lower(),
+        dry_run=args.dry_run,
         deadline=parse_deadline(args.deadline) if args.deadline else None,
         max_rate=parse_rate(args.max_rate) if args.max_rate else None,
         max_replica_lag=args.max_replica_lag,
@@ -243,7 +251,7 @@ def _prepared(args: LoadArgs, build: Callable[[], LoadOptions]) -> LoadOptions:
         return build()
     except LoaderError as exc:
         if args.metrics_file:
-            metrics.write(Path(args.metrics_file), args.table or "", exc.exit_code, None, 0.0)
+            metrics.write(Path(args.metrics_file), args.table or "", exc.exit_code, None, 0.0, args.mode)
         raise
 
 
@@ -294,7 +302,7 @@ def _run(job: Job, args: LoadArgs, progress: bool) -> None:
     finally:
         if args.metrics_file:
             table = args.table or (report.table if report is not None else "")  # retry-rejects: the original's
-            metrics.write(Path(args.metrics_file), table, code, report, time.monotonic() - started)
+            metrics.write(Path(args.metrics_file), table, code, report, time.monotonic() - started, args.mode)
     _print_report(report, args.json_output)
     raise typer.Exit(report.exit_code)
 
@@ -359,7 +367,7 @@ def status_(
     if not loads:
         print("no loads recorded yet", file=sys.stderr)
         return
-    columns = ("started", "state", "table", "rows_loaded", "rows_rejected", "seconds", "runs", "source")
+    columns = ("started", "state", "mode", "table", "rows_loaded", "rows_rejected", "seconds", "runs", "source")
     cells = [[_cell(load[c]) for c in columns] for load in loads]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     for row in [list(columns), *cells]:

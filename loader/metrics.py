@@ -30,7 +30,7 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def write(path: Path, table: str, exit_code: int, report: Report | None, duration: float) -> None:
+def write(path: Path, table: str, exit_code: int, report: Report | None, duration: float, mode: str = "append") -> None:
     """The CLI checks the path before the run (options.check_writable); should it fail anyway
     by the end (folder removed, disk full), that is one line naming the option, not a crash."""
     values = [
@@ -43,7 +43,7 @@ def write(path: Path, table: str, exit_code: int, report: Report | None, duratio
         report.retries if report else 0,
         round(duration, 3),
     ]
-    labels = f'{{table="{_label(table)}"}}'
+    labels = f'{{table="{_label(table)}",mode="{_label(mode)}"}}'
     text = "".join(
         f"# HELP {name} {doc}\n# TYPE {name} {kind}\n{name}{labels} {value}\n"
         for (name, kind, doc), value in zip(_METRICS, values, strict=True)

@@ -278,6 +278,10 @@ class ConnectOptions:
         check_seconds("--lock-timeout", self.lock_timeout, most_ms=_PG_MAX_MS)
 
 
+MODES = ("append", "upsert", "replace")
+ON_CONFLICT = ("update", "nothing")
+
+
 @dataclass(frozen=True)
 class LoadOptions(ConnectOptions):
     """Everything one `loader import` needs; built by the CLI or by a library caller. The
@@ -301,6 +305,10 @@ class LoadOptions(ConnectOptions):
     force: bool = False  # load again a source that was fully loaded
     wait_lock: float = 0.0  # seconds to wait for another load of the table to finish
     lease: float = 60.0  # seconds another load waits for this one to renew its hold on the table
+    mode: str = "append"  # append, upsert (with `key`) or replace; see modes.py
+    key: tuple[str, ...] | None = None  # upsert: the columns a row is matched on
+    on_conflict: str = "update"  # upsert: update the existing row, or keep it ("nothing")
+    dry_run: bool = False  # send every batch, commit none
     auto_workers: bool = False  # adapt the batches in flight between 1 and `workers`
     deadline: float | None = None  # Unix time after which no batch starts (exit 75, resumable)
     max_rate: Rate | None = None
@@ -333,6 +341,18 @@ class LoadOptions(ConnectOptions):
             raise UsageError("--max-lag-wait goes with --max-replica-lag")
         check_seconds("--wait-lock", self.wait_lock, zero=True)
         check_seconds("--lease", self.lease)
+        if self.mode not in MODES:
+            raise UsageError(f"--mode {self.mode!r}: write one of {', '.join(MODES)}")
+        if self.mode == "upsert" and not self.key:
+            raise UsageError("--mode upsert needs --key: the columns a row is matched on (a primary key or unique index)")
+        if self.key is not None and self.mode != "upsert":
+            raise UsageError("--key goes with --mode upsert")
+        if self.key is not None and (any(not k for k in self.key) or len(set(self.key)) != len(self.key)):
+            raise UsageError("--key must name each column once, with no empty names")
+        if self.on_conflict not in ON_CONFLICT:
+            raise UsageError(f"--on-conflict {self.on_conflict!r}: write update or nothing")
+        if self.on_conflict != "update" and self.mode != "upsert":
+            raise UsageError("--on-conflict goes with --mode upsert")
         if self.lease < 2:
             raise UsageError("--lease must be at least 2 seconds: the load renews it every quarter of it")
         if self.load_name is not None and not self.load_name.strip():

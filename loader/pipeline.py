@@ -16,6 +16,7 @@ import os
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from .errors import (
     sqlstate,
 )
 from .ledger import Ledger
+from .modes import Upsert, replace_stage_name, replace_stage_statements, stage_for_replace, switch_to_stage, upsert_key
 from .options import ConnectOptions, CsvDialect, LoadOptions, check_writable
 from .plan import Plan, mtime, plan
 from .pressure import ReplicaLag, connection_budget, require_monitor
@@ -44,8 +46,9 @@ from .progress import Waits
 from .rejects import Reject
 from .report import Report
 from .session import ControlSession
-from .sink import Sink
+from .sink import Sink, Writing
 from .source import Source, open_source
+from .sql import analyze
 from .stop import Deadline, ReplicaWatch, Stop, Watcher, on_interrupt, unless_interrupted
 from .stream import ReadAhead, Stream
 from .target import Target, check_copy, resolve_target
@@ -109,6 +112,10 @@ class _Load:
         self.streaming = False
         self.finished = False  # the ledger has the load's final state
         self.concurrency: Concurrency | None = None
+        self.upsert: Upsert | None = None
+        self.target: Target | None = None  # the table the load is for ...
+        self.stage: Target | None = None  # ... and, in a replace, the one it loads into first
+        self.rejected: list[Reject] = []  # a dry run's rejects (a load's are in the ledger)
 
     def original_line(self, line: int) -> int:
         lines = self.options.source_lines
@@ -119,13 +126,21 @@ class _Load:
         target = await resolve_target(conn, options.table)
         report.table = target.display
         columns = _columns(options, target, header_fields)
-        await self.ledger.ensure(conn)
+        if not options.dry_run:  # which leaves the ledger as it is, even absent
+            await self.ledger.ensure(conn)
         await check_copy(conn, target, columns, options.dialect)
+        if options.mode == "upsert":
+            assert options.key is not None
+            key = await upsert_key(conn, target, options.key, columns)
+            self.upsert = Upsert(target, columns, key, update=options.on_conflict == "update")
         if options.max_replica_lag is not None:
             await require_monitor(conn)
-        workers = await self._workers()
-        await self.session.lock(target.oid, target.display)
-        planned = await plan(conn, self.ledger, options, self.source, target)
+        if options.dry_run:  # one connection, one transaction, rolled back: nothing to hold or record
+            workers, planned = 1, Plan(uuid.uuid4().hex, {})
+        else:
+            workers = await self._workers()
+            await self.session.lock(target.oid, target.display)
+            planned = await plan(conn, self.ledger, options, self.source, target)
         report.load_id = planned.load_id
         if planned.nothing_to_do:
             report.note = planned.nothing_to_do
@@ -177,15 +192,19 @@ class _Load:
         self.concurrency = concurrency = Concurrency(workers, options.auto_workers)
         stop = Stop()
         replicas = self._replica_watch(stop)
+        into, writing = await self._writing(planned, target)
         pool = await open_pool(
             options, workers, application_name, self.on_retry, lazy=options.auto_workers, pooled=self.session.pooled
         )
         error: LoaderError | None = None
+        sink: Sink | None = None
         try:
             pace = Pace(TokenBucket(options.max_rate.amount), options.max_rate.unit) if options.max_rate else None
+            # A dry run cannot retry a batch: a transient failure ends its one transaction.
+            retry = dataclasses.replace(options.retry, attempts=1) if options.dry_run else options.retry
             sink = Sink(
-                pool, target, columns, self.dialect, self.ledger, planned.load_id, options.retry, self._on_batch_retry, pace,
-                before_commit=self._before_commit, settings=transaction_settings(options),
+                pool, into, columns, self.dialect, self.ledger, planned.load_id, retry, self._on_batch_retry, pace,
+                before_commit=self._before_commit, writing=writing,
             )
             stream = Stream(
                 batches, sink, planned, report, concurrency, workers, options.max_errors,
@@ -201,10 +220,30 @@ class _Load:
             except LoaderError as exc:
                 error = exc
             report.copies = sink.copies
+            self.rejected = sink.rejected
         finally:
+            if sink is not None:
+                await sink.close()
             await pool.close()
         report.concurrency = concurrency.summary
         await self._finish(planned, error, stream.loaded_now)
+
+    async def _writing(self, planned: Plan, target: Target) -> tuple[Target, Writing]:
+        """Where batches go and how, by mode (see modes.py)."""
+        options, conn = self.options, self.session.conn
+        self.target = target
+        writing = Writing(
+            settings=transaction_settings(options), upsert=self.upsert, dry_run=options.dry_run,
+            committed=frozenset(planned.committed),
+        )
+        if options.mode != "replace" or planned.verify_only:
+            return target, writing
+        if options.dry_run:  # a temporary stage, made in the dry run's transaction
+            stage = Target(0, "pg_temp", replace_stage_name(planned.load_id), target.columns)
+            prologue = await replace_stage_statements(conn, target, stage.schema, stage.name)
+            return stage, dataclasses.replace(writing, prologue="; ".join(prologue), lock=False, table=target.name)
+        self.stage = await stage_for_replace(conn, target, options.ledger_schema, planned.load_id)
+        return self.stage, dataclasses.replace(writing, table=target.name)
 
     def _replica_watch(self, stop: Stop) -> ReplicaWatch | None:
         options = self.options
@@ -240,6 +279,9 @@ class _Load:
         load's final state in the ledger (its commit is the load's one synchronous commit)."""
         report = self.report
         conn = await self.session.get()
+        if self.options.dry_run:
+            await self._finish_dry_run(planned, error)
+            return
         if planned.verify_only and error is None:
             report.note = f"already loaded by load {planned.load_id}; the source is unchanged (verified)"
             await self.ledger.update_source(conn, planned.load_id, self.source.size, mtime(self.source))
@@ -255,8 +297,44 @@ class _Load:
                 f"accounting mismatch: read {report.rows_read} rows, loaded {report.rows_loaded}, "
                 f"rejected {report.rows_rejected}, skipped {report.rows_skipped} (a bug: please report it)"
             )
+        if error is None and self.stage is not None and self.target is not None:
+            await self._switch(conn, planned, self.target, self.stage)
+            return
         state = "succeeded" if error is None else _stopped_state(error)
         await self.ledger.finish(conn, planned.load_id, state, error.message if error else None)
+        self.finished = True
+        if error is not None:
+            raise error
+
+    async def _switch(self, conn: asyncpg.Connection, planned: Plan, target: Target, stage: Target) -> None:
+        """A replace's end: in one transaction the table's rows become the stage's and the load
+        is marked done, so a run stopped before it leaves the old rows, and its re-run resumes."""
+        try:
+            async with conn.transaction():
+                await switch_to_stage(conn, target, stage)
+                await self.ledger.finish(conn, planned.load_id, "succeeded", None)
+        except asyncpg.PostgresError as exc:
+            if is_transient(exc):
+                raise
+            raise LoaderError(
+                f"could not replace the rows of {target.display}: {server_message(exc)}; it keeps its old rows, "
+                "and the loaded rows wait for the next run of the same command"
+            ) from None
+        self.finished = True
+        await conn.execute(analyze(target.schema, target.name))
+
+    async def _finish_dry_run(self, planned: Plan, error: LoaderError | None) -> None:
+        """Nothing was committed, nor written to the ledger: the rejects file comes from the
+        rejects the run collected."""
+        if self.rejected:
+            async def remapped() -> AsyncIterator[Reject]:
+                for r in self.rejected:
+                    yield Reject(self.original_line(r.line), r.sqlstate, r.message, r.record)
+
+            await rejects_file.write(
+                self.rejects_path, planned.load_id, self.header, remapped(), self.options.dialect.python_encoding
+            )
+            self.report.rejects_file = str(self.rejects_path)
         self.finished = True
         if error is not None:
             raise error
@@ -361,7 +439,12 @@ async def load(
             header_fields = parse_header(record, options.dialect, _shown(options)) if record is not None else None
         else:
             await asyncio.to_thread(batcher.start)  # the line ending, before any batch is sent
-        report = Report(source=_shown(options), table=options.table, load_id="", workers=options.workers)
+        report = Report(
+            source=_shown(options), table=options.table, load_id="", workers=options.workers, mode=options.mode,
+            dry_run=options.dry_run,
+        )
+        if options.mode == "upsert":
+            report.rows_inserted = report.rows_updated = 0
         report.bytes_total = source.size
         report.bytes_loaded = None if source.compressed else 0  # see _before_commit
         waits = Waits(report, options)  # why the load waits, for progress displays
@@ -489,6 +572,7 @@ async def status(options: ConnectOptions, table: str | None, limit: int) -> list
             "runs": r["runs"],
             "rows_loaded": r["rows_loaded"],
             "rows_rejected": r["rows_rejected"],
+            "mode": r["mode"],
             "started": r["started_at"].isoformat(),
             "finished": r["finished_at"].isoformat() if r["finished_at"] else None,
             "seconds": round(float(r["seconds"]), 1),

@@ -109,7 +109,8 @@ def boundaries(options: LoadOptions) -> dict[str, Any]:
 def copy_options(options: LoadOptions) -> dict[str, Any]:
     """What the ledger keeps of a load's options: its boundaries, and what else COPY needs to
     read its records again as it did (`loader retry-rejects` loads a rejects file with them)."""
-    return {**boundaries(options), "null": options.dialect.null, "columns": list(options.columns or []) or None}
+    kept = {**boundaries(options), "null": options.dialect.null, "columns": list(options.columns or []) or None}
+    return {**kept, "mode": options.mode, "key": list(options.key or []) or None, "on_conflict": options.on_conflict}
 
 
 def source_name(source: Source, options: LoadOptions) -> str:
@@ -126,6 +127,8 @@ def load_key(options: LoadOptions, source: Source, target: Target) -> str | None
         return None
     else:
         identity = "file:" + os.path.realpath(source.name)
+    if options.mode != "append":  # another mode is another load of the same source
+        identity += f"\0{options.mode}\0{','.join(options.key or ())}\0{options.on_conflict}"
     return hashlib.sha256(f"{identity}\0{target.oid}".encode()).hexdigest()[:32]
 
 

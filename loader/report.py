@@ -26,10 +26,14 @@ class Report:
     table: str
     load_id: str
     workers: int
+    mode: str = "append"
+    dry_run: bool = False  # nothing was committed: the counts say what a load would do
     rows_read: int = 0
     rows_loaded: int = 0
     rows_rejected: int = 0
     rows_skipped: int = 0  # loaded by an earlier run of the same load, not again
+    rows_inserted: int | None = None  # upsert: rows merged as new keys ...
+    rows_updated: int | None = None  # ... and onto existing ones (a key's earlier rows in its batch: neither)
     batches: int = 0
     retries: int = 0
     copies: int = 0
@@ -80,6 +84,12 @@ class Report:
         self.rows_rejected += rows_rejected
         self.rejects.extend(rejects[: MAX_KEPT_REJECTS - len(self.rejects)])
 
+    def add_merged(self, merged: tuple[int, int] | None) -> None:
+        """An upsert's batch: rows merged as new keys, and onto existing ones."""
+        if merged is not None:
+            self.rows_inserted = (self.rows_inserted or 0) + merged[0]
+            self.rows_updated = (self.rows_updated or 0) + merged[1]
+
     def add_skipped(self, rows_read: int, rows_loaded: int, rows_rejected: int) -> None:
         """A batch an earlier run committed: read and checked again, not loaded again."""
         self.rows_read += rows_read
@@ -119,10 +129,15 @@ class Report:
             source = "standard input" if self.source == "-" else self.source
             read = f"the {_count(self.rows_read, 'row')} read" if self.rows_read else "no rows read"
             loaded = f"stopped before the end of {source}: loaded {self.rows_loaded:,} of {read}"
+        if self.dry_run:
+            loaded = f"dry run, nothing committed: would have {loaded}"
+        into = f"into {self.table}" if self.mode == "append" else f"into {self.table} ({self.mode})"
         head = (
-            f"{loaded} into {self.table} in {self.elapsed_s:.1f} s ({self.rows_per_s:,.0f} rows/s); "
+            f"{loaded} {into} in {self.elapsed_s:.1f} s ({self.rows_per_s:,.0f} rows/s); "
             f"{_count(self.batches, 'batch', 'batches')}, {_count(self.retries, 'retry', 'retries')}"
         )
+        if self.rows_inserted is not None and self.rows_updated is not None:
+            head += f"; {self.rows_inserted:,} inserted, {self.rows_updated:,} updated"
         if self.concurrency:
             c = self.concurrency
             head += f"; concurrency {c['min']}-{c['max']}, settled at {c['final']}"

@@ -101,7 +101,8 @@ class ControlSession:
         """The load is planned: its sessions and its lease say which load they are."""
         self.application_name = application_name
         await self.conn.execute(sql.SET_APPLICATION_NAME, application_name)
-        await self._renew(load_id)
+        if self.lease is not None:  # a dry run takes none
+            await self._renew(load_id)
 
     async def reconnect(self) -> None:
         log.warning("loader: the load's session was lost (server restart?): reconnecting")

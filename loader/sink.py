@@ -10,8 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from types import MappingProxyType
+from dataclasses import dataclass, field
 
 import asyncpg
 
@@ -30,6 +29,7 @@ from .errors import (
 )
 from .isolate import ErrorRate, isolate, misread_message
 from .ledger import Ledger
+from .modes import Turns, Upsert
 from .options import CsvDialect, RetryPolicy
 from .records import Bytes, holds_end_marker
 from .rejects import Reject
@@ -47,6 +47,28 @@ class Outcome:
     rejects: list[Reject]  # refused now (empty when an earlier attempt or run committed it)
     committed_before: bool = False  # an earlier attempt or run committed it; nothing was written now
     retries: int = 0  # transient failures of this batch before it went through
+    merged: tuple[int, int] | None = None  # upsert: rows inserted, rows updated
+
+
+@dataclass(frozen=True)
+class Writing:
+    """How batches are written, besides a COPY into the target (see modes.py)."""
+
+    settings: Mapping[str, str] = field(default_factory=dict)  # SET LOCAL in each transaction (connect.transaction_settings)
+    upsert: Upsert | None = None  # COPY into a temporary stage, merged into the table in file order
+    prologue: str = ""  # more statements for each transaction's BEGIN (a temporary stage)
+    lock: bool = True  # BEGIN locks the target (see sql.begin_batch)
+    dry_run: bool = False  # one transaction for the whole load, a savepoint per batch, rolled back at the end
+    committed: frozenset[int] = frozenset()  # batches earlier runs committed (an upsert merges after them)
+    table: str | None = None  # the table's name, where messages would name the stage it loads into instead
+
+
+@dataclass
+class _Tally:
+    """Rows an upsert merged in one attempt at a batch (pieces rolled back do not count)."""
+
+    inserted: int = 0
+    updated: int = 0
 
 
 @contextlib.asynccontextmanager
@@ -112,7 +134,7 @@ class Sink:
         on_retry: Callable[[BaseException], None] | None = None,
         pace: Pace | None = None,
         before_commit: BeforeCommit = _nothing_before_commit,
-        settings: Mapping[str, str] = MappingProxyType({}),  # SET LOCAL in each batch (connect.transaction_settings)
+        writing: Writing = Writing(),
     ) -> None:
         self._pool = pool
         self.target = target
@@ -124,21 +146,70 @@ class Sink:
         self._on_retry = on_retry
         self._pace = pace
         self._before_commit = before_commit  # the last word on a batch: raising rolls it back
-        self._begin = sql.begin_batch(target.schema, target.name, target.relkind != "f", settings)
+        self._writing = writing
+        begin = sql.begin_batch(target.schema, target.name, writing.lock and target.relkind != "f", writing.settings)
+        prologue = [writing.prologue] if writing.prologue else []
+        if writing.upsert is not None:
+            prologue.append(writing.upsert.create_stage)
+            self._copy_statement = copy_statement("pg_temp", sql.UPSERT_STAGE, columns, dialect)
+        else:
+            self._copy_statement = copy_statement(target.schema, target.name, columns, dialect)
+        self._begin = "; ".join([begin, *prologue])
+        self._turns = Turns(writing.committed) if writing.upsert is not None else None
+        self._shared: asyncpg.Connection | None = None  # a dry run's one connection, in its one transaction
+        self.rejected: list[Reject] = []  # a dry run's rejects, which no ledger keeps
         self._newline = dialect.newline.encode()
-        self._copy_statement = copy_statement(target.schema, target.name, columns, dialect)
         self.copies = 0  # COPY statements sent, for the report and the fast-path test
         self._error_rate = ErrorRate()  # bad rows among those isolated so far: sizes the pieces
 
-    async def _copy(self, conn: asyncpg.Connection, data: Bytes, records: int, before: str = "") -> int:
+    async def _copy(
+        self, conn: asyncpg.Connection, batch: Batch, tally: _Tally, data: Bytes, records: int, before: str = ""
+    ) -> int:
         """COPY `data`, which holds `records` records; MisreadRecords (a data error: the
         caller's transaction or savepoint takes the rows back) when the server took another
-        number of rows, so that no record is counted as loaded but lost, or loaded twice."""
+        number of rows, so that no record is counted as loaded but lost, or loaded twice.
+        An upsert then merges them, in the batch's turn."""
         self.copies += 1
         rows = await copy_rows(conn, before + self._copy_statement, data, self._pace)
         if rows != records:
             raise MisreadRecords(misread_message(data, rows, records))
+        upsert = self._writing.upsert
+        if upsert is not None and self._turns is not None:
+            await self._turns.wait(batch.number)
+            merged = await conn.fetchrow(upsert.merge)
+            tally.inserted += merged["inserted"]
+            tally.updated += merged["updated"]
         return rows
+
+    @contextlib.asynccontextmanager
+    async def _attempt(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection in a transaction of its own for one attempt at a batch; in a dry run,
+        the load's one connection and transaction, with a savepoint for the batch (the batches
+        before it stay, as they would have been committed)."""
+        if not self._writing.dry_run:
+            async with _connection(self._pool) as conn, _transaction(conn, self._begin):
+                yield conn
+            return
+        if self._shared is None:
+            self._shared = await self._pool.acquire()
+            await self._shared.execute(self._begin)
+        conn = self._shared
+        await conn.execute(sql.BATCH_SAVEPOINT)
+        try:
+            yield conn
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await conn.execute(sql.BATCH_UNDO)
+            raise
+        await conn.execute(sql.BATCH_KEEP)
+
+    async def close(self) -> None:
+        """A dry run's end: everything it sent is rolled back."""
+        if self._shared is not None:
+            with contextlib.suppress(Exception):
+                await self._shared.execute("ROLLBACK")
+            await self._pool.release(self._shared)
+            self._shared = None
 
     async def load(self, batch: Batch) -> Outcome:
         """Load one batch, retrying transient failures; rows the server refuses become rejects.
@@ -156,6 +227,21 @@ class Sink:
         to `isolate` at once: the refused COPY would cost the whole batch's transfer, and the
         server's work up to the first bad row, for nothing.
         """
+        committed = False
+        try:
+            outcome = await self._load(batch)
+            committed = True
+            return outcome
+        finally:
+            if self._turns is not None:
+                self._turns.leave(batch.number, committed)
+
+    def skip(self, batch: Batch) -> None:
+        """The load stops before this batch: those after it must not merge before it."""
+        if self._turns is not None:
+            self._turns.leave(batch.number, committed=False)
+
+    async def _load(self, batch: Batch) -> Outcome:
         refusal: BaseException | None = None
         try:
             async for attempt in retrying(self._retry, self._on_retry):
@@ -193,7 +279,10 @@ class Sink:
 
     async def _claim(self, conn: asyncpg.Connection, batch: Batch) -> Outcome | None:
         """Claim the batch's ledger row; an Outcome when an earlier attempt or run already did.
-        Refuses to go on when the table's name has come to mean another table."""
+        Refuses to go on when the table's name has come to mean another table. A dry run
+        claims nothing: it writes nothing to the ledger."""
+        if self._writing.dry_run:
+            return None
         row = await conn.fetchrow(
             self._ledger.claim_sql,
             self._load_id,
@@ -215,19 +304,24 @@ class Sink:
         return Outcome(done["rows_loaded"], done["rows_rejected"], [], committed_before=True)
 
     async def _load_fast(self, batch: Batch) -> Outcome:
-        async with _connection(self._pool) as conn, _transaction(conn, self._begin):
+        async with self._attempt() as conn:
             done = await self._claim(conn, batch)
             if done is not None:
                 return done
-            rows = await self._copy(conn, batch.data, batch.rows)  # misread: isolated after the rollback
+            tally = _Tally()
+            rows = await self._copy(conn, batch, tally, batch.data, batch.rows)  # misread: isolated after the rollback
             await self._before_commit(batch)
-            return Outcome(rows, 0, [])
+            return Outcome(rows, 0, [], merged=self._merged(tally))
+
+    def _merged(self, tally: _Tally) -> tuple[int, int] | None:
+        return (tally.inserted, tally.updated) if self._writing.upsert is not None else None
 
     async def _load_isolating(self, batch: Batch, refusal: BaseException | None) -> Outcome:
-        async with _connection(self._pool) as conn, _transaction(conn, self._begin):
+        async with self._attempt() as conn:
             done = await self._claim(conn, batch)
             if done is not None:
                 return done
+            tally = _Tally()
 
             await conn.execute(sql.PIECE_SAVEPOINT)
             before = ""  # the savepoint's move after the last piece, sent with the next one
@@ -235,7 +329,7 @@ class Sink:
             async def copy_in_savepoint(data: Bytes, records: int) -> int:
                 nonlocal before
                 try:
-                    rows = await self._copy(conn, data, records, before)
+                    rows = await self._copy(conn, batch, tally, data, records, before)
                 except Exception as exc:
                     if is_data_error(exc):  # isolate goes on after it: undo just this piece
                         before = sql.PIECE_UNDO + "; "
@@ -244,6 +338,9 @@ class Sink:
                 return rows
 
             loaded, rejects = await isolate(batch, self._dialect, copy_in_savepoint, copy_line, refusal, self._error_rate)
+            if self._writing.table is not None:  # a replace's stage: its messages name the table
+                stage, table = f'relation "{self.target.name}"', f'relation "{self._writing.table}"'
+                rejects = [dataclasses.replace(r, message=r.message.replace(stage, table)) for r in rejects]
             if before.startswith(sql.PIECE_UNDO):  # the last piece failed: out of the aborted state
                 await conn.execute(sql.PIECE_UNDO)
             if loaded + len(rejects) != batch.rows:
@@ -251,6 +348,9 @@ class Sink:
                     f"lines {batch.first_line}-{batch.last_line}: {loaded} rows loaded and {len(rejects)} rejected "
                     f"of {batch.rows} records; rolled back (a bug: please report it)"
                 )
-            await self._ledger.record_rejects(conn, self._load_id, batch.number, loaded, rejects)
+            if self._writing.dry_run:
+                self.rejected.extend(rejects)
+            else:
+                await self._ledger.record_rejects(conn, self._load_id, batch.number, loaded, rejects)
             await self._before_commit(batch)
-            return Outcome(loaded, len(rejects), rejects)
+            return Outcome(loaded, len(rejects), rejects, merged=self._merged(tally))

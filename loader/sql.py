@@ -92,6 +92,10 @@ SELECT current_user AS role,
 
 SCHEMA_EXISTS = "SELECT to_regnamespace($1) IS NOT NULL"
 
+SCHEMA_TABLE_EXISTS = """
+SELECT EXISTS (SELECT FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2)
+"""
+
 CREATE_SCHEMA = "CREATE SCHEMA IF NOT EXISTS {schema}"
 
 START_LOAD = """
@@ -193,7 +197,7 @@ WITH recent AS (
             FROM {schema}.batches WHERE load_id = r.load_id AND r.state = 'running'
       ) b ON true
 )
-SELECT load_id, target_table, source,
+SELECT load_id, target_table, source, coalesce(boundaries->>'mode', 'append') AS mode,
        CASE WHEN state = 'running' AND NOT live THEN 'interrupted'
             WHEN state = 'succeeded' AND rows_rejected > 0 THEN 'finished-with-rejects'
             ELSE state END AS state,
@@ -302,6 +306,143 @@ def copy_from_stdin(schema: str, table: str, columns: Sequence[str], options: Ma
 # The moves go in the same message as the next piece's COPY (statements run in order, and
 # an error skips the rest of the message): one round trip per piece.
 
+# A dry run's batches, each in a savepoint of the load's one transaction.
+BATCH_SAVEPOINT = "SAVEPOINT loader_batch"
+BATCH_UNDO = "ROLLBACK TO SAVEPOINT loader_batch; RELEASE SAVEPOINT loader_batch"
+BATCH_KEEP = "RELEASE SAVEPOINT loader_batch"
+
 PIECE_SAVEPOINT = "SAVEPOINT loader_piece"
 PIECE_UNDO = "ROLLBACK TO SAVEPOINT loader_piece"  # the savepoint stays, ready for the next piece
 PIECE_KEEP = "RELEASE SAVEPOINT loader_piece; SAVEPOINT loader_piece"
+
+
+# --- load modes (see modes.py) ---------------------------------------------------------------
+
+# Whether the columns $2 (names as they are) are exactly the key columns of a unique index of
+# the table $1 that ON CONFLICT can take as its arbiter: valid, not partial, no expressions.
+UNIQUE_KEY = """
+SELECT EXISTS (
+    SELECT FROM pg_index i
+     WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid AND i.indpred IS NULL AND i.indexprs IS NULL
+       AND (SELECT array_agg(a.attname::text ORDER BY a.attname)
+              FROM generate_series(0, i.indnkeyatts - 1) AS g
+              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[g])
+           = (SELECT array_agg(name ORDER BY name) FROM unnest($2::text[]) AS name))
+"""
+
+# The primary key's columns of the table $1, in key order (none: no primary key).
+PRIMARY_KEY = """
+SELECT array_agg(a.attname::text ORDER BY g) AS columns
+  FROM pg_index i, generate_series(0, i.indnkeyatts - 1) AS g, pg_attribute a
+ WHERE i.indrelid = $1 AND i.indisprimary AND a.attrelid = i.indrelid AND a.attnum = i.indkey[g]
+"""
+
+UPSERT_STAGE = "loader_stage"  # a temporary table, one per batch transaction
+
+
+def create_upsert_stage(schema: str, table: str, columns: Sequence[str]) -> str:
+    """A batch's rows before they merge: the file's columns (typed as the table's, no
+    constraints) and their order in the file. Dropped at the batch's commit."""
+    listed = ", ".join(map(quote_ident, columns))
+    stage = qualified("pg_temp", UPSERT_STAGE)
+    return (
+        f"CREATE TEMP TABLE {quote_ident(UPSERT_STAGE)} ON COMMIT DROP AS SELECT {listed} FROM {qualified(schema, table)} WITH NO DATA; "
+        f"ALTER TABLE {stage} ADD COLUMN loader_ord bigint GENERATED ALWAYS AS IDENTITY"
+    )
+
+
+def merge_upsert_stage(schema: str, table: str, columns: Sequence[str], key: Sequence[str], update: bool) -> str:
+    """Empty the stage into the table: one row per key (the file's last with `update`, its
+    first without), in key order, inserted or, on a key that exists, updated (or kept).
+    Rows with a NULL in the key never conflict: all of them go in. Returns the counts."""
+    listed = ", ".join(map(quote_ident, columns))
+    keys = ", ".join(map(quote_ident, key))
+    whole = " AND ".join(f"{quote_ident(k)} IS NOT NULL" for k in key)
+    order = "DESC" if update else "ASC"
+    rest = [c for c in columns if c not in key]
+    if update and rest:
+        action = "DO UPDATE SET " + ", ".join(f"{quote_ident(c)} = EXCLUDED.{quote_ident(c)}" for c in rest)
+    else:
+        action = "DO NOTHING"
+    return f"""
+WITH staged AS (DELETE FROM {qualified("pg_temp", UPSERT_STAGE)} RETURNING *),
+one_per_key AS (
+    SELECT * FROM (SELECT DISTINCT ON ({keys}) * FROM staged WHERE {whole} ORDER BY {keys}, loader_ord {order}) AS s
+    UNION ALL SELECT * FROM staged WHERE NOT ({whole})
+),
+merged AS (
+    INSERT INTO {qualified(schema, table)} AS t ({listed})
+    SELECT {listed} FROM one_per_key ORDER BY {keys}
+    ON CONFLICT ({keys}) {action}
+    RETURNING t.xmax = 0 AS inserted
+)
+SELECT count(*) FILTER (WHERE inserted) AS inserted, count(*) FILTER (WHERE NOT inserted) AS updated FROM merged
+"""
+
+
+def create_replace_stage(stage_schema: str, stage: str, schema: str, table: str) -> str:
+    """The table a replace loads into, shaped as the target with its defaults, constraints and
+    indexes (so rows are refused there as the table would refuse them); its foreign keys
+    follow (ADD_FOREIGN_KEYS)."""
+    return (
+        f"CREATE TABLE {qualified(stage_schema, stage)} (LIKE {qualified(schema, table)} "
+        "INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING INDEXES INCLUDING GENERATED)"
+    )
+
+
+# The target's foreign keys, as ALTER TABLE ... ADD takes them; and its identity columns,
+# which the stage draws from the target's own sequence.
+FOREIGN_KEYS = "SELECT conname, pg_get_constraintdef(oid) AS definition FROM pg_constraint WHERE conrelid = $1::oid AND contype = 'f'"
+IDENTITY_SEQUENCES = """
+SELECT attname, pg_get_serial_sequence($1::oid::regclass::text, attname) AS sequence
+  FROM pg_attribute WHERE attrelid = $1::oid AND attidentity <> '' AND NOT attisdropped
+"""
+
+
+def add_foreign_key(stage_schema: str, stage: str, name: str, definition: str) -> str:
+    """`definition` is the server's own rendering (pg_get_constraintdef), not user text."""
+    return f"ALTER TABLE {qualified(stage_schema, stage)} ADD CONSTRAINT {quote_ident(name)} {definition}"
+
+
+def default_from_sequence(stage_schema: str, stage: str, column: str, sequence: str) -> str:
+    return (
+        f"ALTER TABLE {qualified(stage_schema, stage)} ALTER COLUMN {quote_ident(column)} "
+        f"SET DEFAULT nextval({quote_literal(sequence)}::regclass)"
+    )
+
+
+def replace_from_stage(
+    stage_schema: str, stage: str, schema: str, table: str, columns: Sequence[str], key: Sequence[str] | None
+) -> str:
+    """The switch, run in the transaction that marks the load done: the table's rows become
+    the stage's. With a primary key, rows are matched on it: rows whose key is gone are
+    deleted, changed rows updated, unchanged rows left alone (no dead tuple, no WAL), new
+    ones inserted; rows that others reference stay as long as their key does. Without one:
+    every row is deleted and the stage's inserted."""
+    target, staged = qualified(schema, table), qualified(stage_schema, stage)
+    listed = ", ".join(map(quote_ident, columns))
+    if not key:
+        return f"DELETE FROM {target}; INSERT INTO {target} ({listed}) OVERRIDING SYSTEM VALUE SELECT {listed} FROM {staged}"
+    keys = ", ".join(map(quote_ident, key))
+    match = " AND ".join(f"s.{quote_ident(k)} = t.{quote_ident(k)}" for k in key)
+    rest = [c for c in columns if c not in key]
+    if rest:
+        new = ", ".join(f"EXCLUDED.{quote_ident(c)}" for c in rest)
+        old = ", ".join(f"t.{quote_ident(c)}" for c in rest)
+        sets = ", ".join(f"{quote_ident(c)} = EXCLUDED.{quote_ident(c)}" for c in rest)
+        action = f"DO UPDATE SET {sets} WHERE ROW({old}) IS DISTINCT FROM ROW({new})"
+    else:
+        action = "DO NOTHING"
+    return (
+        f"DELETE FROM {target} AS t WHERE NOT EXISTS (SELECT FROM {staged} AS s WHERE {match}); "
+        f"INSERT INTO {target} AS t ({listed}) OVERRIDING SYSTEM VALUE SELECT {listed} FROM {staged} ORDER BY {keys} "
+        f"ON CONFLICT ({keys}) {action}"
+    )
+
+
+def drop_table(schema: str, table: str) -> str:
+    return f"DROP TABLE IF EXISTS {qualified(schema, table)}"
+
+
+def analyze(schema: str, table: str) -> str:
+    return f"ANALYZE {qualified(schema, table)}"

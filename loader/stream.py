@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from .batching import Batch, Batcher
 from .concurrency import Concurrency
 from .errors import LoaderError, SourceChanged
+from .modes import OutOfTurn
 from .plan import Plan
 from .report import RejectNote, Report
 from .sink import Sink
@@ -146,6 +147,7 @@ class Stream:
         fatal: BaseException | None = None
         while (batch := await self._queue.get()) is not None:
             if fatal is not None or self.stop.requested:
+                self.sink.skip(batch)
                 continue
             try:
                 await self._load(batch)
@@ -161,11 +163,15 @@ class Stream:
             await self.replicas.ok.wait()
         async with self.concurrency.slot() as saturated:
             if self.stop.requested:  # stopped while this batch waited (replicas, deadline, signal)
+                self.sink.skip(batch)
                 return
             report.in_flight += 1
             started = time.monotonic()
             try:
                 outcome = await self.sink.load(batch)
+            except OutOfTurn:  # an earlier batch did not go through: the reason is told there
+                self.batches.batcher.buffers.give_back(batch)
+                return
             finally:
                 report.in_flight -= 1
         self.batches.batcher.buffers.give_back(batch)
@@ -173,6 +179,7 @@ class Stream:
         report.concurrency_now = self.concurrency.places
         notes = [RejectNote(self.original_line(r.line), r.sqlstate, r.message) for r in outcome.rejects]
         report.add_batch(batch.rows, outcome.rows_loaded, outcome.rows_rejected, notes)
+        report.add_merged(outcome.merged)
         if not outcome.committed_before:
             self.loaded_now[batch.number] = (outcome.rows_loaded, outcome.rows_rejected)
         if self.max_errors is not None and report.rows_rejected > self.max_errors:

@@ -67,7 +67,7 @@ def test_metrics_file_after_success_and_failure_is_valid_and_replaced_atomically
     assert sorted(p.name for p in folder.iterdir()) == ["loader.prom"]
     first = parse_prometheus(metrics.read_text())
     first_inode = metrics.stat().st_ino
-    assert first["loader_last_run_success"] == ({"table": "events"}, 1.0)
+    assert first["loader_last_run_success"] == ({"table": "events", "mode": "append"}, 1.0)
     assert first["loader_last_run_exit_code"][1] == 0
     assert first["loader_last_run_rows_read"][1] == rows
     assert first["loader_last_run_rows_loaded"][1] == rows
@@ -81,7 +81,7 @@ def test_metrics_file_after_success_and_failure_is_valid_and_replaced_atomically
     assert sorted(p.name for p in folder.iterdir()) == ["loader.prom"]
     second = parse_prometheus(metrics.read_text())
     assert metrics.stat().st_ino != first_inode, "the metrics file was rewritten in place, not replaced"
-    assert second["loader_last_run_success"] == ({"table": '\\"Missing\\"'}, 0.0)
+    assert second["loader_last_run_success"] == ({"table": '\\"Missing\\"', "mode": "append"}, 0.0)
     assert second["loader_last_run_exit_code"][1] == 2
     assert second["loader_last_run_rows_loaded"][1] == 0
     assert set(second) == set(first)

@@ -177,3 +177,25 @@ def test_a_setting_the_pooler_refuses_fails_at_once_with_what_to_do(db: Db, pool
     assert "unsupported startup parameter: search_path" in errors[0]
     assert "ignore_startup_parameters" in errors[0]
     assert "retry" not in run.stderr.lower()
+
+
+def test_an_upsert_and_a_replace_through_pgbouncer_end_as_the_file_says(db: Db, pooled: Db, tmp_path: Path) -> None:
+    """Each upsert batch's temporary stage lives and dies in its own transaction, and a
+    replace's switch is one transaction: both work where a server session is lent per
+    transaction."""
+    db.sql("CREATE TABLE events (id bigint PRIMARY KEY, name text)")
+    assert pooled.loader("import", str(plain_csv(tmp_path / "base.csv", 1000)), "-t", "events").code == 0
+    changes = tmp_path / "changes.csv"
+    changes.write_text("id,name\n" + "".join(f"{i},new {i}\n" for i in range(501, 1501)) + "700,last\n")
+    upsert = pooled.loader(
+        "import", str(changes), "-t", "events", "--mode", "upsert", "--key", "id", "--workers", "4", "--batch-size", "100",
+        "--json",
+    )
+    assert upsert.code == 0, upsert.stderr
+    assert (upsert.json()["rows_inserted"], upsert.json()["rows_updated"]) == (500, 501)  # 700 twice
+    assert db.value("SELECT count(*) FROM events") == 1500
+    assert db.value("SELECT name FROM events WHERE id = 700") == "last"
+
+    replace = pooled.loader("import", str(plain_csv(tmp_path / "full.csv", 300)), "-t", "events", "--mode", "replace")
+    assert replace.code == 0, replace.stderr
+    assert_exact(db, 300)
