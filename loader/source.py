@@ -1,28 +1,61 @@
-"""Opening what the user named: a file, standard input, or either of them gzip-compressed.
+"""Opening what the user named: a file or standard input, plain or compressed (gzip, zstd,
+bzip2 or xz, told by their magic bytes, not by the name).
 
 Rows may only be committed from the source's real bytes: a file that changes while it is
-read (appended to, cut short, rewritten) is noticed before each batch commits, and a gzip
-stream is checked whole (its CRC and length come only at its end) before any of its rows
-commit, in a thread of its own while the load runs.
+read (appended to, cut short, rewritten) is noticed before each batch commits, and a
+compressed stream is checked whole (its checksums and length come only at its end) before
+any of its rows commit, in a thread of its own while the load runs.
 """
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import io
+import lzma
 import os
 import shutil
 import sys
 import tempfile
 import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO, cast
 
 from .errors import LoaderError, TryAgainLater, UsageError
 
-_GZIP_MAGIC = b"\x1f\x8b"
+if sys.version_info >= (3, 14):
+    from compression import zstd
+else:
+    from backports import zstd
+
 _VERIFY_BLOCK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Codec:
+    """A compression format: its name, its magic bytes, how to read it."""
+
+    name: str
+    magic: bytes
+    open: Callable[[BinaryIO], BinaryIO]
+
+
+CODECS = (
+    Codec("gzip", b"\x1f\x8b", lambda raw: cast(BinaryIO, gzip.GzipFile(fileobj=raw, mode="rb"))),
+    Codec("zstd", b"\x28\xb5\x2f\xfd", lambda raw: cast(BinaryIO, zstd.ZstdFile(raw, "rb"))),
+    Codec("bzip2", b"BZh", lambda raw: cast(BinaryIO, bz2.BZ2File(raw, "rb"))),
+    Codec("xz", b"\xfd7zXZ\x00", lambda raw: cast(BinaryIO, lzma.LZMAFile(raw, "rb"))),  # noqa: SIM115
+)
+_MAGIC_BYTES = max(len(c.magic) for c in CODECS)
+
+# What a broken stream raises, by codec or around it.
+_CORRUPT = (EOFError, gzip.BadGzipFile, zlib.error, lzma.LZMAError, zstd.ZstdError)
+
+
+def _codec(head: bytes) -> Codec | None:
+    return next((c for c in CODECS if head.startswith(c.magic)), None)
 
 
 @dataclass
@@ -33,7 +66,7 @@ class Source:
     stream: BinaryIO  # yields the decompressed bytes
     raw: BinaryIO  # the underlying file, for progress (bytes read of size)
     size: int | None  # on-disk size when it is a regular file
-    compressed: bool
+    codec: Codec | None  # None: not compressed
     path: str | None = None  # what to read again to verify it (a spooled copy for gzip on stdin)
     stat: tuple[int, int] | None = None  # (size, mtime in ns) when opened, for a regular file
     spooled: bool = False  # `path` is our temporary copy, removed on close
@@ -41,6 +74,10 @@ class Source:
     @property
     def is_stdin(self) -> bool:
         return self.name == "-"
+
+    @property
+    def compressed(self) -> bool:
+        return self.codec is not None
 
     def close(self) -> None:
         self.stream.close()
@@ -65,27 +102,29 @@ class Source:
         )
 
     def verify(self, stop: threading.Event | None = None) -> None:
-        """Read a gzip source through once, on its own handle: raises UsageError if any member
-        is corrupt or cut short. Its rows must not commit before this returns. (Runs in a
-        thread: zlib lets go of the GIL. `stop` ends it early when the load ends first.)"""
-        if not self.compressed or self.path is None:
+        """Read a compressed source through once, on its own handle: raises UsageError if any
+        part is corrupt or cut short. Its rows must not commit before this returns. (Runs in a
+        thread: the decompressors let go of the GIL. `stop` ends it early when the load ends
+        first.)"""
+        if self.codec is None or self.path is None:
             return
         try:
-            with gzip.open(self.path, "rb") as stream:
+            with open(self.path, "rb") as raw, self.codec.open(raw) as stream:
                 while stream.read(_VERIFY_BLOCK) and not (stop is not None and stop.is_set()):
                     pass
-        except (OSError, EOFError, zlib.error) as exc:
+        except (OSError, *_CORRUPT) as exc:
             raise _corrupt(self, exc) from None
 
 
 def open_source(name: str) -> Source:
-    """Open `name` for reading, detecting gzip by its magic bytes rather than its extension."""
+    """Open `name` for reading, detecting compression by its magic bytes, not its extension."""
     if name == "-":
         stdin = sys.stdin.buffer
         raw: io.BufferedReader = stdin if isinstance(stdin, io.BufferedReader) else io.BufferedReader(cast(io.RawIOBase, stdin))
         size = None
-        if raw.peek(2)[:2] == _GZIP_MAGIC:
-            return _spooled(name, raw)
+        codec = _codec(raw.peek(_MAGIC_BYTES)[:_MAGIC_BYTES])
+        if codec is not None:
+            return _spooled(name, raw, codec)
     else:
         try:
             raw = open(name, "rb")  # noqa: SIM115 - closed by Source.close
@@ -102,22 +141,22 @@ def open_source(name: str) -> Source:
         size = st.st_size if regular else None
     peekable = raw
     try:
-        compressed = peekable.peek(2)[:2] == _GZIP_MAGIC
+        codec = _codec(peekable.peek(_MAGIC_BYTES)[:_MAGIC_BYTES])
     except OSError as exc:
         raise UsageError(f"{name}: cannot read ({exc.strerror})") from None
-    stream: BinaryIO = gzip.GzipFile(fileobj=peekable, mode="rb") if compressed else peekable  # type: ignore[assignment]
+    stream: BinaryIO = codec.open(peekable) if codec is not None else peekable
     if name == "-":
-        return Source(name=name, stream=stream, raw=peekable, size=None, compressed=compressed)
+        return Source(name=name, stream=stream, raw=peekable, size=None, codec=codec)
     return Source(
-        name=name, stream=stream, raw=peekable, size=size, compressed=compressed, path=name,
+        name=name, stream=stream, raw=peekable, size=size, codec=codec, path=name,
         stat=(st.st_size, st.st_mtime_ns) if regular else None,
     )
 
 
-def _spooled(name: str, stdin: BinaryIO) -> Source:
-    """Gzip on standard input, copied (compressed) to a temporary file first: the stream must
-    be verified whole before its rows commit, and stdin cannot be read twice."""
-    fd, path = tempfile.mkstemp(prefix="loader-stdin-", suffix=".gz")
+def _spooled(name: str, stdin: BinaryIO, codec: Codec) -> Source:
+    """A compressed stream on standard input, copied (compressed) to a temporary file first:
+    it must be verified whole before its rows commit, and stdin cannot be read twice."""
+    fd, path = tempfile.mkstemp(prefix="loader-stdin-", suffix="." + codec.name)
     try:
         with os.fdopen(fd, "wb") as out:
             shutil.copyfileobj(stdin, out, _VERIFY_BLOCK)
@@ -125,11 +164,10 @@ def _spooled(name: str, stdin: BinaryIO) -> Source:
     except BaseException:
         os.unlink(path)
         raise
-    stream: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[assignment]
-    return Source(name=name, stream=stream, raw=raw, size=None, compressed=True, path=path, spooled=True)
+    return Source(name=name, stream=codec.open(raw), raw=raw, size=None, codec=codec, path=path, spooled=True)
 
 
-_READ_ERRORS = (OSError, EOFError, gzip.BadGzipFile, zlib.error)
+_READ_ERRORS = (OSError, *_CORRUPT)
 
 
 def read_block(source: Source, size: int) -> bytes:
@@ -149,7 +187,7 @@ def read_into(source: Source, buffer: memoryview) -> int:
 
 
 def _cannot_read(source: Source, exc: BaseException) -> LoaderError:
-    if source.compressed and isinstance(exc, (gzip.BadGzipFile, EOFError, zlib.error)):
+    if source.compressed and (isinstance(exc, _CORRUPT) or not getattr(exc, "errno", None)):
         return _corrupt(source, exc)
     reason = getattr(exc, "strerror", None) or str(exc)
     return LoaderError(f"{source.name}: cannot read ({reason})")
@@ -158,4 +196,5 @@ def _cannot_read(source: Source, exc: BaseException) -> LoaderError:
 def _corrupt(source: Source, exc: BaseException) -> UsageError:
     """No row of a compressed source commits before the whole stream is verified (Source.verify)."""
     reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-    return UsageError(f"{source.name}: corrupt gzip data ({reason}); no row of it was committed")
+    name = source.codec.name if source.codec is not None else "compressed"
+    return UsageError(f"{source.name}: corrupt {name} data ({reason}); no row of it was committed")

@@ -48,7 +48,7 @@ PROPERTY = settings(
 
 def source_of(data: bytes) -> Source:
     stream = io.BytesIO(data)
-    return Source(name="test.csv", stream=stream, raw=stream, size=len(data), compressed=False)
+    return Source(name="test.csv", stream=stream, raw=stream, size=len(data), codec=None)
 
 
 def cut(

@@ -4,7 +4,9 @@ success; the table named at the start is the only one rows go into."""
 
 from __future__ import annotations
 
+import bz2
 import gzip
+import lzma
 import os
 from pathlib import Path
 
@@ -123,3 +125,43 @@ def test_a_table_replaced_under_a_running_load_gets_no_rows_of_it(db: Db, tmp_pa
     again = db.loader("import", str(path), "-t", "events", "--workers", "2", "--batch-size", "1000")
     assert again.code == 0, again.stderr
     assert db.value("SELECT count(*) FROM events") == 40_000
+
+
+def _compress(codec: str, data: bytes) -> bytes:
+    if codec == "zstd":
+        from backports import zstd
+
+        # with the content checksum, as the zstd tool writes by default
+        return zstd.compress(data, options={zstd.CompressionParameter.checksum_flag: 1})
+    return {"gzip": gzip.compress, "bzip2": bz2.compress, "xz": lzma.compress}[codec](data)
+
+
+@pytest.mark.parametrize("codec", ["zstd", "bzip2", "xz"])
+def test_zstd_bzip2_and_xz_sources_load_from_a_file_and_from_stdin(db: Db, tmp_path: Path, codec: str) -> None:
+    """A compressed source is told by its magic bytes, whatever its name, on disk or on stdin."""
+    db.sql("CREATE TABLE events (id bigint, name text, note text, amount numeric, at timestamptz, flag boolean)")
+    source = write_csv(tmp_path / "e.csv", event_rows(20_000), EVENTS_HEADER)
+    path = tmp_path / "export.dat"  # no telling extension
+    path.write_bytes(_compress(codec, source.read_bytes()))
+    for args in (["import", str(path)], ["import", "-", "--load-name", f"{codec}-stdin"]):
+        run = db.loader(*args, "-t", "events", "--batch-size", "3000", input=path.read_bytes())
+        assert run.code == 0, run.stderr
+    db.sql("CREATE TABLE twin (LIKE events)")
+    db.psql_copy("twin", source)
+    assert db.value("SELECT count(*) FROM events") == 40_000
+    assert db.value("SELECT count(*) FROM (SELECT * FROM events EXCEPT SELECT * FROM twin) x") == 0
+
+
+@pytest.mark.parametrize("codec", ["zstd", "bzip2", "xz"])
+def test_rows_of_a_corrupt_zstd_bzip2_or_xz_file_are_never_committed(db: Db, tmp_path: Path, codec: str) -> None:
+    """As for gzip: a stream that breaks after a while commits none of its rows: exit 2."""
+    db.sql("CREATE TABLE events (id bigint, name text, note text, amount numeric, at timestamptz, flag boolean)")
+    source = write_csv(tmp_path / "e.csv", event_rows(50_000), EVENTS_HEADER)
+    data = bytearray(_compress(codec, source.read_bytes()))
+    data[len(data) * 2 // 3] ^= 0xFF
+    path = tmp_path / "e.csv.x"
+    path.write_bytes(bytes(data))
+    run = db.loader("import", str(path), "-t", "events", "--batch-size", "500")
+    assert run.code == 2, run.stderr
+    assert f"corrupt {codec} data" in run.stderr and "Traceback" not in run.stderr
+    assert db.value("SELECT count(*) FROM events") == 0
