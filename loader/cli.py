@@ -110,6 +110,8 @@ class LoadArgs:
     mode: Annotated[str, _option("--mode", help="append rows; upsert: update rows whose --key exists, insert the others; replace: the table ends up holding the file's rows, readers see the old ones until then.", env="MODE")] = LoadOptions.mode
     key: Annotated[Optional[str], _option("--key", help="With --mode upsert: the columns a row is matched on, comma-separated (a primary key or unique index of the table).", env="KEY", show_default=False)] = None
     on_conflict: Annotated[str, _option("--on-conflict", help="With --mode upsert: update the existing row, or keep it (nothing).", env="ON_CONFLICT")] = LoadOptions.on_conflict
+    create: Annotated[bool, _option("--create", help="Create the table if it does not exist, its columns named by the header, their types inferred from the data (printed).", env="CREATE")] = LoadOptions.create
+    infer_rows: Annotated[Optional[int], _option("--infer-rows", help="With --create: infer the types from this many records. Default: the whole file.", env="INFER_ROWS", show_default=False)] = LoadOptions.infer_rows
     dry_run: Annotated[bool, _option("--dry-run", help="Send every batch and report what a load would do, rejects included, but commit nothing.", env="DRY_RUN")] = LoadOptions.dry_run
     workers: Annotated[str, _option("--workers", "-w", help="Connections, and batches loading at once; or auto: adapt between 1 and --max-workers to what the server takes. Lowered to the connections the server can spare.", env="WORKERS")] = str(DEFAULT_WORKERS)
     max_workers: Annotated[int, _option("--max-workers", help="The most batches in flight with --workers auto.", env="MAX_WORKERS")] = DEFAULT_MAX_WORKERS
@@ -221,6 +223,8 @@ def _load_options(source: str, args: LoadArgs) -> LoadOptions:
         key=_split_columns(args.key),
         on_conflict=args.on_conflict.strip().lower(),
         dry_run=args.dry_run,
+        create=args.create,
+        infer_rows=args.infer_rows,
         deadline=parse_deadline(args.deadline) if args.deadline else None,
         max_rate=parse_rate(args.max_rate) if args.max_rate else None,
         max_replica_lag=args.max_replica_lag,

@@ -309,6 +309,8 @@ class LoadOptions(ConnectOptions):
     key: tuple[str, ...] | None = None  # upsert: the columns a row is matched on
     on_conflict: str = "update"  # upsert: update the existing row, or keep it ("nothing")
     dry_run: bool = False  # send every batch, commit none
+    create: bool = False  # create a missing table, with types inferred from the data
+    infer_rows: int | None = None  # --create reads this many records to infer types; None: all
     auto_workers: bool = False  # adapt the batches in flight between 1 and `workers`
     deadline: float | None = None  # Unix time after which no batch starts (exit 75, resumable)
     max_rate: Rate | None = None
@@ -351,6 +353,10 @@ class LoadOptions(ConnectOptions):
             raise UsageError("--key must name each column once, with no empty names")
         if self.on_conflict not in ON_CONFLICT:
             raise UsageError(f"--on-conflict {self.on_conflict!r}: write update or nothing")
+        if self.infer_rows is not None and (self.infer_rows < 1 or not self.create):
+            raise UsageError("--infer-rows goes with --create, and must be at least 1")
+        if self.create and self.source == "-":
+            raise UsageError("--create needs a file: it reads the data once to choose the columns' types, then loads it")
         if self.on_conflict != "update" and self.mode != "upsert":
             raise UsageError("--on-conflict goes with --mode upsert")
         if self.lease < 2:

@@ -37,6 +37,7 @@ from .errors import (
     server_message,
     sqlstate,
 )
+from .infer import infer_types, read_records
 from .ledger import Ledger
 from .modes import Upsert, replace_stage_name, replace_stage_statements, stage_for_replace, switch_to_stage, upsert_key
 from .options import ConnectOptions, CsvDialect, LoadOptions, check_writable
@@ -51,7 +52,7 @@ from .source import Source, open_source
 from .sql import analyze
 from .stop import Deadline, ReplicaWatch, Stop, Watcher, on_interrupt, unless_interrupted
 from .stream import ReadAhead, Stream
-from .target import Target, check_copy, resolve_target
+from .target import Target, check_copy, create_table, resolve_target, table_exists
 from .throttle import Pace, TokenBucket
 
 log = logging.getLogger("loader")
@@ -123,6 +124,13 @@ class _Load:
 
     async def run(self, batches: ReadAhead, header_fields: list[str] | None, interrupt: asyncio.Event | None) -> None:
         options, report, conn = self.options, self.report, self.session.conn
+        if options.create and not await table_exists(conn, options.table):
+            ddl = await self._create(conn, header_fields)
+            if options.dry_run:
+                log.warning("loader: --create --dry-run: %s does not exist; it would be created as:\n%s", options.table, ddl)
+                report.note = f"dry run: {options.table} does not exist; nothing was created"
+                return
+            log.warning("loader: created %s:\n%s", options.table, ddl)
         target = await resolve_target(conn, options.table)
         report.table = target.display
         columns = _columns(options, target, header_fields)
@@ -152,6 +160,16 @@ class _Load:
         except BaseException as exc:
             await self._close_unfinished(planned.load_id, exc)
             raise
+
+    async def _create(self, conn: asyncpg.Connection, header_fields: list[str] | None) -> str:
+        """--create: the columns the header (or --columns) names, typed from the data."""
+        options = self.options
+        names = list(options.columns or header_fields or [])
+        if not names:
+            raise UsageError("--create needs the columns' names: a header, or --columns")
+        records = read_records(options.source, options.dialect, options.infer_rows)
+        types = await asyncio.to_thread(infer_types, records, len(names))
+        return await create_table(conn, options.table, list(zip(names, types, strict=True)), options.dry_run)
 
     async def _workers(self) -> int:
         """--workers, lowered to what the server can spare (see pressure.ConnectionBudget)."""

@@ -56,6 +56,21 @@ SELECT c.oid, n.nspname, c.relname, c.relkind::text AS relkind
  WHERE c.oid = to_regclass($1)
 """
 
+# A table name as the server parses it (quotes, case folding), and the schema it would go in.
+TABLE_NAME = """
+SELECT CASE WHEN cardinality(name) = 2 THEN name[1] ELSE current_schema() END AS schema, name[cardinality(name)] AS name
+  FROM parse_ident($1) AS name
+"""
+
+CREATE_LOCK = "SELECT pg_advisory_xact_lock(hashtext('loader create ' || $1))"
+
+
+def create_table(schema: str, table: str, columns: Sequence[tuple[str, str]]) -> str:
+    """CREATE TABLE IF NOT EXISTS, the columns' types being the loader's own words (infer.py)."""
+    listed = ",\n".join(f"    {quote_ident(name)} {kind}" for name, kind in columns)
+    return f"CREATE TABLE IF NOT EXISTS {qualified(schema, table)} (\n{listed}\n)"
+
+
 # Columns a COPY can write, in table order (generated columns cannot be written).
 TABLE_COLUMNS = """
 SELECT attname FROM pg_attribute

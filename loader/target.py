@@ -105,6 +105,31 @@ def header_advice(names: Sequence[str], columns: Sequence[str]) -> str:
     return f"to load the fields by position, pass --columns {shlex.quote(out.getvalue())} (the table's names, in file order)"
 
 
+async def table_exists(conn: asyncpg.Connection, table: str) -> bool:
+    try:
+        return await conn.fetchval(sql.RESOLVE_TABLE, table) is not None
+    except asyncpg.PostgresError as exc:
+        raise UsageError(f"--table {table}: {server_message(exc)}") from None
+
+
+async def create_table(conn: asyncpg.Connection, table: str, columns: Sequence[tuple[str, str]], dry_run: bool) -> str:
+    """Create the table (unless another process just did: one creates, the others find it);
+    the DDL, to be shown (in a dry run, only that)."""
+    try:
+        row = await conn.fetchrow(sql.TABLE_NAME, table)
+        ddl = sql.create_table(row["schema"], row["name"], columns)
+        if dry_run:
+            return ddl
+        async with conn.transaction():
+            await conn.execute(sql.CREATE_LOCK, sql.qualified(row["schema"], row["name"]))
+            await conn.execute(ddl)
+    except asyncpg.PostgresError as exc:
+        if is_transient(exc):
+            raise
+        raise UsageError(f"--create: cannot create {table}: {server_message(exc)}") from None
+    return ddl
+
+
 async def resolve_target(conn: asyncpg.Connection, table: str) -> Target:
     try:
         row = await conn.fetchrow(sql.RESOLVE_TABLE, table)
