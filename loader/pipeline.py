@@ -419,11 +419,12 @@ class _Load:
 
     def _changed(self, planned: Plan, batch: Batch | None, what: str) -> SourceChanged:
         where = f"lines {batch.first_line}-{batch.last_line}" if batch else "its end"
+        committed = "rows it loaded" if planned.verify_only else "rows the earlier runs committed"
+        again = "--force" if planned.verify_only else "--restart"
         advice = (
-            "pass --force to load it again as a new load"
-            if planned.verify_only
-            else "pass --restart to load it as a new load (rows the earlier runs committed stay in the table: "
-            "delete them first if they must not be doubled)"
+            f"{again} loads the whole file as a new load, and the {committed} stay in the table: rows the file "
+            "still has would then be there twice (delete the old rows first, or load it with --mode replace, "
+            "or --mode upsert --key ...)"
         )
         return SourceChanged(f"{_shown(self.options)} changed since load {planned.load_id} read it: {where} {what}; {advice}")
 

@@ -293,7 +293,8 @@ def test_a_rerun_after_success_does_nothing_verifies_a_touched_file_and_refuses_
     change_one_byte(csv, db.value("SELECT byte_offset FROM loader.batches WHERE batch_no = 5"))
     changed = db.loader(*command)
     assert changed.code == 2, changed.stderr
-    assert "--force" in one_line(changed)
+    assert "--force loads the whole file as a new load" in one_line(changed)
+    assert "twice" in one_line(changed)  # what --force would do to the rows already loaded
     assert db.value("SELECT count(*) FROM events") == rows
     assert db.value("SELECT state FROM loader.loads") == "succeeded"
 
