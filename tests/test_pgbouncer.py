@@ -121,19 +121,26 @@ def test_a_load_through_pgbouncer_leaves_no_lock_on_a_pooled_connection(db: Db, 
     assert_exact(db, 3000)
 
 
+def killed_mid_load(through: Db, db: Db, tmp_path: Path, lease: int) -> tuple[str, ...]:
+    """Start a paced load of ROWS through `through` with --lease `lease`, kill -9 it once a
+    few batches are committed; the command, to run again."""
+    db.script(PACED)
+    csv = plain_csv(tmp_path / "events.csv", ROWS)
+    command = ("import", str(csv), "-t", "events", "--batch-size", str(BATCH), "--workers", "2")
+    first = through.spawn(*command, "--lease", str(lease))
+    until(lambda: committed_batches(db) >= 3)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    return command
+
+
 def test_after_kill_9_through_pgbouncer_the_next_run_waits_out_the_lease_and_resumes_exactly(
     db: Db, pooled: Db, tmp_path: Path
 ) -> None:
     """Through a pooler the killed load's server session lives on, so its end cannot free the
     table: its lease does, once it expires. Until then the next run exits 75 naming the load;
     after, it resumes, and the table holds every row once."""
-    db.script(PACED)
-    csv = plain_csv(tmp_path / "events.csv", ROWS)
-    command = ("import", str(csv), "-t", "events", "--batch-size", str(BATCH), "--workers", "2")
-    first = pooled.spawn(*command, "--lease", "4")
-    until(lambda: committed_batches(db) >= 3)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
+    command = killed_mid_load(pooled, db, tmp_path, lease=4)
     partial = db.value("SELECT count(*) FROM events")
     assert 0 < partial < ROWS
 
@@ -151,14 +158,7 @@ def test_after_kill_9_through_pgbouncer_the_next_run_waits_out_the_lease_and_res
 def test_a_killed_direct_load_frees_the_table_at_once(db: Db, tmp_path: Path) -> None:
     """Straight to the server the load's own session ends with its process: the next run
     goes ahead at once, however long the killed load's lease was."""
-    db.script(PACED)
-    csv = plain_csv(tmp_path / "events.csv", ROWS)
-    command = ("import", str(csv), "-t", "events", "--batch-size", str(BATCH), "--workers", "2")
-    first = db.spawn(*command, "--lease", "3600")
-    until(lambda: committed_batches(db) >= 2)
-    first.send_signal(signal.SIGKILL)
-    first.wait()
-
+    command = killed_mid_load(db, db, tmp_path, lease=3600)
     resumed = db.loader(*command)
     assert resumed.code == 0, resumed.stderr
     assert_exact(db, ROWS)
