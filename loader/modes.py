@@ -75,6 +75,7 @@ class Upsert:
     columns: tuple[str, ...]
     key: tuple[str, ...]
     update: bool
+    key_not_null: bool = False  # no row can have a NULL in its key (a primary key's columns)
 
     @property
     def create_stage(self) -> str:
@@ -82,12 +83,17 @@ class Upsert:
 
     @property
     def merge(self) -> str:
-        return sql.merge_upsert_stage(self.target.schema, self.target.name, self.columns, self.key, self.update)
+        return sql.merge_upsert_stage(
+            self.target.schema, self.target.name, self.columns, self.key, self.update, self.key_not_null
+        )
 
 
-async def upsert_key(conn: asyncpg.Connection, target: Target, key: Sequence[str], columns: Sequence[str]) -> tuple[str, ...]:
-    """--key as the table's column names, checked: among the file's columns, and exactly the
-    columns of a primary key or unique index (what ON CONFLICT needs), else a UsageError."""
+async def upsert(
+    conn: asyncpg.Connection, target: Target, key: Sequence[str], columns: tuple[str, ...], update: bool
+) -> Upsert:
+    """The upsert of the file's `columns` on --key, checked: the key among the file's columns,
+    and exactly the columns of a primary key or unique index (what ON CONFLICT needs), else a
+    UsageError."""
     names = target.pick_columns(key, "--key")
     missing = [name for name in names if name not in columns]
     if missing:
@@ -97,7 +103,8 @@ async def upsert_key(conn: asyncpg.Connection, target: Target, key: Sequence[str
             f"--key {','.join(names)}: no primary key or unique index of {target.display} has exactly these columns; "
             "an upsert matches rows on one (create it, or name its columns)"
         )
-    return names
+    not_null = bool(await conn.fetchval(sql.NOT_NULL, target.oid, list(names)))
+    return Upsert(target, columns, names, update, not_null)
 
 
 def replace_stage_name(load_id: str) -> str:
@@ -137,5 +144,6 @@ async def replace_stage_statements(conn: asyncpg.Connection, target: Target, sch
 async def switch_to_stage(conn: asyncpg.Connection, target: Target, stage: Target) -> None:
     """In the caller's transaction: the table's rows become the stage's; the stage goes."""
     key = await conn.fetchval(sql.PRIMARY_KEY, target.oid)
+    await conn.execute(sql.set_local(sql.MERGE_WORK_MEM))
     await conn.execute(sql.replace_from_stage(stage.schema, stage.name, target.schema, target.name, target.columns, key))
     await conn.execute(sql.drop_table(stage.schema, stage.name))

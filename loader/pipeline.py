@@ -39,7 +39,7 @@ from .errors import (
 )
 from .infer import infer_types, read_records
 from .ledger import Ledger
-from .modes import Upsert, replace_stage_name, replace_stage_statements, stage_for_replace, switch_to_stage, upsert_key
+from .modes import Upsert, replace_stage_name, replace_stage_statements, stage_for_replace, switch_to_stage, upsert
 from .options import ConnectOptions, CsvDialect, LoadOptions, check_writable
 from .plan import Plan, mtime, plan
 from .pressure import ReplicaLag, connection_budget, require_monitor
@@ -49,7 +49,7 @@ from .report import Report
 from .session import ControlSession
 from .sink import Sink, Writing
 from .source import Source, open_source
-from .sql import analyze
+from .sql import MERGE_WORK_MEM, analyze
 from .stop import Deadline, ReplicaWatch, Stop, Watcher, on_interrupt, unless_interrupted
 from .stream import ReadAhead, Stream
 from .target import Target, check_copy, create_table, resolve_target, table_exists
@@ -139,8 +139,7 @@ class _Load:
         await check_copy(conn, target, columns, options.dialect)
         if options.mode == "upsert":
             assert options.key is not None
-            key = await upsert_key(conn, target, options.key, columns)
-            self.upsert = Upsert(target, columns, key, update=options.on_conflict == "update")
+            self.upsert = await upsert(conn, target, options.key, columns, update=options.on_conflict == "update")
         if options.max_replica_lag is not None:
             await require_monitor(conn)
         if options.dry_run:  # one connection, one transaction, rolled back: nothing to hold or record
@@ -250,8 +249,11 @@ class _Load:
         """Where batches go and how, by mode (see modes.py)."""
         options, conn = self.options, self.session.conn
         self.target = target
+        settings = transaction_settings(options)
+        if self.upsert is not None:
+            settings.update(MERGE_WORK_MEM)
         writing = Writing(
-            settings=transaction_settings(options), upsert=self.upsert, dry_run=options.dry_run,
+            settings=settings, upsert=self.upsert, dry_run=options.dry_run,
             committed=frozenset(planned.committed),
         )
         if options.mode != "replace" or planned.verify_only:

@@ -151,7 +151,7 @@ class Sink:
         prologue = [writing.prologue] if writing.prologue else []
         if writing.upsert is not None:
             prologue.append(writing.upsert.create_stage)
-            self._copy_statement = copy_statement("pg_temp", sql.UPSERT_STAGE, columns, dialect)
+            self._copy_statement = sql.empty_upsert_stage() + "; " + copy_statement("pg_temp", sql.UPSERT_STAGE, columns, dialect)
         else:
             self._copy_statement = copy_statement(target.schema, target.name, columns, dialect)
         self._begin = "; ".join([begin, *prologue])

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
+from types import MappingProxyType
 
 _PACKAGE = Path(__file__).resolve().parent
 _SQL_DIRS = (_PACKAGE / "sql", _PACKAGE.parent / "sql")  # installed wheel, then source checkout
@@ -297,13 +298,18 @@ BACKEND_PID = "SELECT pg_backend_pid()"
 # --- COPY ----------------------------------------------------------------------------------
 
 
+def set_local(settings: Mapping[str, str]) -> str:
+    """SET LOCAL of each setting: names are the loader's own, values go as literals."""
+    return "; ".join(f"SET LOCAL {name} TO {quote_literal(value)}" for name, value in settings.items())
+
+
 def begin_batch(schema: str, table: str, lockable: bool, settings: Mapping[str, str]) -> str:
     """A batch's BEGIN, with its settings (SET LOCAL: names are the loader's own, values go as
     literals), which also locks the target by name as its COPY will (ROW EXCLUSIVE, only the
     named table, not each partition): until the batch commits the name cannot move to another
     table, so the claim's check that it is the planned one holds for the COPY. (LOCK TABLE
     refuses foreign tables: for them the claim's check alone.) One message, one round trip."""
-    statements = ["BEGIN", *(f"SET LOCAL {name} TO {quote_literal(value)}" for name, value in settings.items())]
+    statements = ["BEGIN", set_local(settings)] if settings else ["BEGIN"]
     if lockable:
         statements.append(f"LOCK TABLE ONLY {qualified(schema, table)} IN ROW EXCLUSIVE MODE")
     return "; ".join(statements)
@@ -354,6 +360,13 @@ SELECT array_agg(a.attname::text ORDER BY g) AS columns
 
 UPSERT_STAGE = "loader_stage"  # a temporary table, one per batch transaction
 
+# Whether every column $2 (names as they are) of the table $1 is NOT NULL.
+NOT_NULL = "SELECT bool_and(attnotnull) FROM pg_attribute WHERE attrelid = $1 AND attname = ANY($2::text[])"
+
+# Sorts and hashes of a merge (a batch's keys; the stage against the table) in memory rather
+# than on disk: set for the merging transactions only.
+MERGE_WORK_MEM: Mapping[str, str] = MappingProxyType({"work_mem": "64MB"})
+
 
 def create_upsert_stage(schema: str, table: str, columns: Sequence[str]) -> str:
     """A batch's rows before they merge: the file's columns (typed as the table's, no
@@ -366,33 +379,46 @@ def create_upsert_stage(schema: str, table: str, columns: Sequence[str]) -> str:
     )
 
 
-def merge_upsert_stage(schema: str, table: str, columns: Sequence[str], key: Sequence[str], update: bool) -> str:
-    """Empty the stage into the table: one row per key (the file's last with `update`, its
-    first without), in key order, inserted or, on a key that exists, updated (or kept).
-    Rows with a NULL in the key never conflict: all of them go in. Returns the counts."""
+def merge_upsert_stage(
+    schema: str, table: str, columns: Sequence[str], key: Sequence[str], update: bool, key_not_null: bool
+) -> str:
+    """Merge the stage into the table: one row per key (the file's last with `update`, its
+    first without), inserted or, on a key that exists, updated (or kept). Rows with a NULL in
+    the key never conflict: all of them go in (no such branch when the key cannot be NULL).
+    No ORDER BY: merges run one at a time (modes.Turns), so no lock order is needed.
+    Returns the counts of rows inserted and updated."""
     listed = ", ".join(map(quote_ident, columns))
     keys = ", ".join(map(quote_ident, key))
-    whole = " AND ".join(f"{quote_ident(k)} IS NOT NULL" for k in key)
+    stage = qualified("pg_temp", UPSERT_STAGE)
     order = "DESC" if update else "ASC"
     rest = [c for c in columns if c not in key]
     if update and rest:
         action = "DO UPDATE SET " + ", ".join(f"{quote_ident(c)} = EXCLUDED.{quote_ident(c)}" for c in rest)
     else:
         action = "DO NOTHING"
+    one_per_key = f"SELECT DISTINCT ON ({keys}) {listed} FROM {stage}"
+    if key_not_null:
+        rows = f"{one_per_key} ORDER BY {keys}, loader_ord {order}"
+    else:
+        whole = " AND ".join(f"{quote_ident(k)} IS NOT NULL" for k in key)
+        rows = (
+            f"({one_per_key} WHERE {whole} ORDER BY {keys}, loader_ord {order}) "
+            f"UNION ALL SELECT {listed} FROM {stage} WHERE NOT ({whole})"
+        )
     return f"""
-WITH staged AS (DELETE FROM {qualified("pg_temp", UPSERT_STAGE)} RETURNING *),
-one_per_key AS (
-    SELECT * FROM (SELECT DISTINCT ON ({keys}) * FROM staged WHERE {whole} ORDER BY {keys}, loader_ord {order}) AS s
-    UNION ALL SELECT * FROM staged WHERE NOT ({whole})
-),
-merged AS (
+WITH merged AS (
     INSERT INTO {qualified(schema, table)} AS t ({listed})
-    SELECT {listed} FROM one_per_key ORDER BY {keys}
+    {rows}
     ON CONFLICT ({keys}) {action}
     RETURNING t.xmax = 0 AS inserted
 )
 SELECT count(*) FILTER (WHERE inserted) AS inserted, count(*) FILTER (WHERE NOT inserted) AS updated FROM merged
 """
+
+
+def empty_upsert_stage() -> str:
+    """Before each COPY into the stage: what an earlier piece or batch left there is merged."""
+    return f"TRUNCATE {qualified('pg_temp', UPSERT_STAGE)}"
 
 
 def create_replace_stage(stage_schema: str, stage: str, schema: str, table: str) -> str:
@@ -431,28 +457,25 @@ def replace_from_stage(
 ) -> str:
     """The switch, run in the transaction that marks the load done: the table's rows become
     the stage's. With a primary key, rows are matched on it: rows whose key is gone are
-    deleted, changed rows updated, unchanged rows left alone (no dead tuple, no WAL), new
-    ones inserted; rows that others reference stay as long as their key does. Without one:
-    every row is deleted and the stage's inserted."""
+    deleted, then one MERGE updates the rows that changed, inserts the new ones and leaves
+    unchanged rows alone (not even locked: no WAL, no dead tuple); rows that others reference
+    stay as long as their key does. Without one: every row is deleted and the stage's
+    inserted."""
     target, staged = qualified(schema, table), qualified(stage_schema, stage)
     listed = ", ".join(map(quote_ident, columns))
     if not key:
         return f"DELETE FROM {target}; INSERT INTO {target} ({listed}) OVERRIDING SYSTEM VALUE SELECT {listed} FROM {staged}"
-    keys = ", ".join(map(quote_ident, key))
     match = " AND ".join(f"s.{quote_ident(k)} = t.{quote_ident(k)}" for k in key)
     rest = [c for c in columns if c not in key]
+    values = ", ".join(f"s.{quote_ident(c)}" for c in columns)
+    merge = f"MERGE INTO {target} AS t USING {staged} AS s ON {match} "
     if rest:
-        new = ", ".join(f"EXCLUDED.{quote_ident(c)}" for c in rest)
+        new = ", ".join(f"s.{quote_ident(c)}" for c in rest)
         old = ", ".join(f"t.{quote_ident(c)}" for c in rest)
-        sets = ", ".join(f"{quote_ident(c)} = EXCLUDED.{quote_ident(c)}" for c in rest)
-        action = f"DO UPDATE SET {sets} WHERE ROW({old}) IS DISTINCT FROM ROW({new})"
-    else:
-        action = "DO NOTHING"
-    return (
-        f"DELETE FROM {target} AS t WHERE NOT EXISTS (SELECT FROM {staged} AS s WHERE {match}); "
-        f"INSERT INTO {target} AS t ({listed}) OVERRIDING SYSTEM VALUE SELECT {listed} FROM {staged} ORDER BY {keys} "
-        f"ON CONFLICT ({keys}) {action}"
-    )
+        sets = ", ".join(f"{quote_ident(c)} = s.{quote_ident(c)}" for c in rest)
+        merge += f"WHEN MATCHED AND ROW({old}) IS DISTINCT FROM ROW({new}) THEN UPDATE SET {sets} "
+    merge += f"WHEN NOT MATCHED THEN INSERT ({listed}) OVERRIDING SYSTEM VALUE VALUES ({values})"
+    return f"DELETE FROM {target} AS t WHERE NOT EXISTS (SELECT FROM {staged} AS s WHERE {match}); {merge}"
 
 
 def drop_table(schema: str, table: str) -> str:
