@@ -1,5 +1,9 @@
 """`python -m bench`: loader against server-side COPY, psql \\copy and pgloader, in one run.
 
+The load modes are measured in the same run (`--modes-only`: only them): `--mode upsert`
+against the usual psql script (stage with \\copy, then INSERT ... ON CONFLICT), and
+`--mode replace` against an append of the same file into an empty table.
+
 Every method loads the same generated file into a fresh table, several times; the median
 is reported with rows/s, MB/s, the client's peak RSS and CPU, and the ratio to psql \\copy
 measured in the same run. A method whose table differs from the \\copy twin (count and
@@ -28,7 +32,7 @@ from typing import Any
 import asyncpg
 
 import loader
-from bench.generate import TABLE_DDL, write
+from bench.generate import HEADER, PK_TABLE_DDL, TABLE_DDL, write
 from devserver import pg_binary, start_server
 
 HERE = Path(__file__).resolve().parent
@@ -57,6 +61,18 @@ class Result:
     cpu_s: float | None = None
     cpu_s_per_million_rows: float | None = None
     ratio_to_psql_copy: float | None = None
+
+    def summarize(self, size_mb: float) -> None:
+        """The medians of a verified method's runs (a wrong load gets no figure)."""
+        if self.verified:
+            self.seconds = statistics.median(r.seconds for r in self.runs)
+            self.rows_per_s = round(self.rows / self.seconds)
+            self.mb_per_s = round(size_mb / self.seconds, 1)
+            self.peak_rss_mb = max(r.peak_rss_mb for r in self.runs)
+            self.cpu_s = statistics.median(r.cpu_s for r in self.runs)
+            self.cpu_s_per_million_rows = round(self.cpu_s / self.rows * 1e6, 3)
+        elif self.runs and not self.note:
+            self.note = "WRONG LOAD: the table differs from the \\copy twin; no figure reported"
 
 
 def _peak_rss_kb(pid: int) -> int:
@@ -107,10 +123,22 @@ class Bench:
 
         return asyncio.run(go())
 
-    def fresh(self, table: str) -> None:
+    def fresh(self, table: str, ddl: str = TABLE_DDL, fill: str | None = None) -> None:
+        """A new table; `fill` (a query) gives its rows, vacuumed and analyzed as a table
+        in service would be. Then a checkpoint, so that no run pays for the one before."""
         self.sql(f"DROP TABLE IF EXISTS {table}")
-        self.sql(TABLE_DDL.format(name=table))
+        self.sql(ddl.format(name=table))
+        if fill:
+            self.sql(f"INSERT INTO {table} {fill}")
+            self.sql(f"VACUUM ANALYZE {table}")
         self.sql("CHECKPOINT")
+
+    def copy_in(self, table: str, path: Path) -> None:
+        """Load `path` into `table` with psql \\copy (the twins every load is checked against)."""
+        subprocess.run(
+            [self.psql(), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", self.dsn, "-c", f"\\copy {table} FROM '{path}' WITH (FORMAT csv, HEADER true)"],
+            check=True,
+        )
 
     def psql(self) -> str:
         psql = pg_binary("psql")
@@ -153,7 +181,7 @@ class Bench:
         self, path: Path, rows: int, runs: int, workers: list[int | None], batch_size: int | None, only: set[str] | None = None
     ) -> list[Result]:
         self.fresh("bench_twin")
-        subprocess.run([self.psql(), "-X", "-q", "-d", self.dsn, "-c", f"\\copy bench_twin FROM '{path}' WITH (FORMAT csv, HEADER true)"], check=True)
+        self.copy_in("bench_twin", path)
         size_mb = path.stat().st_size / 1e6
         commands = {name: cmd for name, cmd in self.commands(path, workers, batch_size).items() if only is None or name in only}
         results = {name: Result(name, rows, note=None if cmd else "not installed: skipped") for name, cmd in commands.items()}
@@ -174,15 +202,7 @@ class Bench:
                     result.verified = self.same_as_twin("bench", "bench_twin", rows)
                 print(f"bench: round {round_ + 1}: {name}: {run.seconds} s", file=sys.stderr, flush=True)
         for result in results.values():
-            if result.verified:
-                result.seconds = statistics.median(r.seconds for r in result.runs)
-                result.rows_per_s = round(rows / result.seconds)
-                result.mb_per_s = round(size_mb / result.seconds, 1)
-                result.peak_rss_mb = max(r.peak_rss_mb for r in result.runs)
-                result.cpu_s = statistics.median(r.cpu_s for r in result.runs)
-                result.cpu_s_per_million_rows = round(result.cpu_s / rows * 1e6, 3)
-            elif result.runs and not result.note:
-                result.note = "WRONG LOAD: the table differs from the \\copy twin; no figure reported"
+            result.summarize(size_mb)
         psql = results["psql \\copy"]
         for r in results.values():
             if r.rows_per_s and psql.rows_per_s:
@@ -210,6 +230,101 @@ class Bench:
         out["ratio"] = round(out["0.1% bad rows"]["rows_per_s"] / out["clean"]["rows_per_s"], 2)
         return out
 
+    def measure_modes(self, path: Path, other: Path, rows: int, runs: int) -> dict[str, Any]:
+        """The load modes at the defaults, round robin, each run on a fresh table with a primary key:
+
+        - upsert: the file into a table holding its first half of ids with other values (from
+          `other`, the file written with another seed), so that half the rows update an existing
+          key and really change it, and half are new; against the usual psql script, one
+          transaction: a temp table, \\copy into it, INSERT ... ON CONFLICT DO UPDATE;
+        - replace: the file into a table holding the same rows (a re-export with nothing
+          changed), and into one where every row differs; against an append of the file into
+          an empty table.
+
+        Every run's table must equal the file's \\copy twin (after an upsert or a replace the
+        table holds exactly the file's rows), or the method gets no figure."""
+        half = rows // 2
+        table, twin, old = "bench_modes", "bench_modes_twin", "bench_modes_other"
+        for name, source in ((twin, path), (old, other)):
+            self.fresh(name)
+            self.copy_in(name, source)
+        differing = self.sql(
+            f"SELECT count(*) FROM {twin} f JOIN {old} o USING (id) WHERE (f.*) IS DISTINCT FROM (o.*)"
+        )[0][0]
+        columns = HEADER.strip().split(",")
+        sets = ", ".join(f"{c} = EXCLUDED.{c}" for c in columns if c != "id")
+        script_dir = Path(tempfile.mkdtemp(prefix="bench-modes-"))
+        script = script_dir / "upsert.sql"
+        script.write_text(
+            "BEGIN;\n"
+            f"CREATE TEMP TABLE s (LIKE {table}) ON COMMIT DROP;\n"
+            f"\\copy s FROM '{path}' WITH (FORMAT csv, HEADER true)\n"
+            f"INSERT INTO {table} SELECT * FROM s ON CONFLICT (id) DO UPDATE SET {sets};\n"
+            "COMMIT;\n"
+        )
+        loader = [sys.executable, "-m", "loader", "import", str(path), "--table", table, "--dsn", self.dsn, "--force"]
+        upsert_base = f"SELECT * FROM {old} WHERE id <= {half}"
+        # name: (the rows the table holds before the run, the command)
+        methods: dict[str, tuple[str | None, list[str]]] = {
+            "upsert: loader (defaults)": (upsert_base, [*loader, "--mode", "upsert", "--key", "id"]),
+            "upsert: psql script": (upsert_base, [self.psql(), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", self.dsn, "-f", str(script)]),
+            "append: loader (defaults), empty table": (None, loader),
+            "replace: loader (defaults), rows unchanged": (f"SELECT * FROM {twin}", [*loader, "--mode", "replace"]),
+            "replace: loader (defaults), every row changed": (f"SELECT * FROM {old}", [*loader, "--mode", "replace"]),
+        }
+        results = {name: Result(name, rows) for name in methods}
+        summaries: dict[str, str] = {}
+        try:
+            for round_ in range(runs):  # round robin, as in measure()
+                for name, (base, cmd) in methods.items():
+                    result = results[name]
+                    if result.note:
+                        continue
+                    self.fresh(table, PK_TABLE_DDL, base)
+                    run, code, err = timed(cmd)
+                    if code != 0:
+                        result.note = f"exit {code}: {err.strip()[-300:]}"
+                        continue
+                    result.runs.append(run)
+                    if err.strip() and "loader" in name:
+                        summaries[name] = err.strip().splitlines()[-1]
+                    # Every run, not only the last: a merge that goes wrong once is wrong.
+                    result.verified = self.same_as_twin(table, twin, rows) and result.verified is not False
+                    print(f"bench: modes round {round_ + 1}: {name}: {run.seconds} s", file=sys.stderr, flush=True)
+        finally:
+            shutil.rmtree(script_dir, ignore_errors=True)
+            for name in (table, twin, old):
+                self.sql(f"DROP TABLE IF EXISTS {name}")
+        size_mb = path.stat().st_size / 1e6
+        for result in results.values():
+            result.summarize(size_mb)
+
+        def ratio(a: str, b: str) -> float | None:
+            """Time of `a` over time of `b`, both medians of this run."""
+            sa, sb = results[a].seconds, results[b].seconds
+            return round(sa / sb, 2) if sa and sb else None
+
+        upsert_speedup = ratio("upsert: psql script", "upsert: loader (defaults)")  # loader rows/s over psql's
+        unchanged = ratio("replace: loader (defaults), rows unchanged", "append: loader (defaults), empty table")
+        changed = ratio("replace: loader (defaults), every row changed", "append: loader (defaults), empty table")
+        rss = [r.peak_rss_mb for n, r in results.items() if n.startswith(("upsert: loader", "replace:")) and r.peak_rss_mb is not None]
+        return {
+            "rows": rows,
+            "upsert_rows_updated": half,
+            "upsert_rows_inserted": rows - half,
+            "rows_differing_from_the_other_seed": differing,
+            "results": [asdict(r) for r in results.values()],
+            "loader_summaries": summaries,
+            "upsert_loader_to_psql": upsert_speedup,
+            "replace_unchanged_to_append_time": unchanged,
+            "replace_changed_to_append_time": changed,
+            "targets": {
+                "upsert: loader >= 1.2x the psql script": None if upsert_speedup is None else upsert_speedup >= 1.2,
+                "replace: at most 2x the append's time (aim 1.5x)": None if unchanged is None or changed is None else max(unchanged, changed) <= 2,
+                "peak client RSS under 100 MB": bool(rss) and max(rss) < 100,
+            },
+        }
+
 
 def table(results: list[Result]) -> str:
     head = f"{'method':<36} {'rows/s':>10} {'MB/s':>7} {'x psql':>7} {'median s':>9} {'client CPU s':>13} {'CPU s/M rows':>13} {'peak RSS MB':>12}"
@@ -225,6 +340,21 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def modes_table(modes: dict[str, Any]) -> str:
+    head = f"{'load mode (1 PK on id)':<48} {'rows/s':>10} {'median s':>9} {'client CPU s':>13} {'peak RSS MB':>12}"
+    lines = [head, "-" * len(head)]
+    for r in modes["results"]:
+        if r["rows_per_s"] is None:
+            lines.append(f"{r['method']:<48} {r['note']}")
+            continue
+        lines.append(f"{r['method']:<48} {r['rows_per_s']:>10,} {r['seconds']:>9} {r['cpu_s']:>13} {r['peak_rss_mb']:>12}")
+    lines.append(
+        f"upsert: loader / psql script {modes['upsert_loader_to_psql']}x (rows/s); replace / append time: "
+        f"rows unchanged {modes['replace_unchanged_to_append_time']}, every row changed {modes['replace_changed_to_append_time']}"
+    )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows in the generated file (default 1,000,000)")
@@ -236,7 +366,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(HERE / "results" / "latest.json"), help="JSON results file")
     parser.add_argument("--data-dir", default=str(DATA), help="where generated files are kept (default bench/data)")
     parser.add_argument("--no-bad-rows", action="store_true", help="skip the 0.1%%-bad-rows comparison")
+    parser.add_argument("--no-modes", action="store_true", help="skip the load modes (upsert, replace)")
+    parser.add_argument("--modes-only", action="store_true", help="measure only the load modes (upsert, replace): a quick run")
     args = parser.parse_args(argv)
+    if args.modes_only and args.no_modes:
+        parser.error("--modes-only and --no-modes exclude each other")
 
     # An installed package runs from bytecode pip compiled; a checkout run with
     # PYTHONDONTWRITEBYTECODE set would compile the loader's modules on every run instead.
@@ -261,10 +395,11 @@ def main(argv: list[str] | None = None) -> int:
             "rows": args.rows,
             "file_mb": round(path.stat().st_size / 1e6, 1),
             "runs": args.runs,
-            "results": [asdict(r) for r in bench.measure(path, args.rows, args.runs, workers, args.batch_size)],
         }
-        print(table([Result(**{**r, "runs": []}) for r in report["results"]]))
-        if not args.no_bad_rows:
+        if not args.modes_only:
+            report["results"] = [asdict(r) for r in bench.measure(path, args.rows, args.runs, workers, args.batch_size)]
+            print(table([Result(**{**r, "runs": []}) for r in report["results"]]))
+        if not args.no_bad_rows and not args.modes_only:
             bad_every = 1000
             bad_path = data / f"bench-{args.rows}-bad-scattered.csv"
             if not bad_path.exists():
@@ -273,7 +408,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"0.1% bad rows: {report['bad_rows']}")
             report["bad_rows_4_workers"] = bench.measure_bad_rows(path, bad_path, args.rows, args.rows // bad_every, args.runs, workers=4)
             print(f"0.1% bad rows, --workers 4: {report['bad_rows_4_workers']}")
-        if args.large:
+        if not args.no_modes:
+            other = data / f"bench-{args.rows}-seed2.csv"
+            if not other.exists():
+                print(f"bench: generating {other} ({args.rows:,} rows, other values)", file=sys.stderr)
+                write(other, args.rows, seed=2)
+            report["modes"] = bench.measure_modes(path, other, args.rows, args.runs)
+            print(modes_table(report["modes"]))
+        if args.large and not args.modes_only:
             large = data / f"bench-{args.large}.csv"
             if not large.exists():
                 print(f"bench: generating {large} ({args.large:,} rows)", file=sys.stderr)
@@ -287,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         print(f"bench: results written to {args.out}", file=sys.stderr)
-        wrong = [r for r in report["results"] if r["verified"] is False]
+        wrong = [r for r in [*report.get("results", []), *report.get("modes", {}).get("results", [])] if r["verified"] is False]
         return 1 if wrong else 0
     finally:
         if server is not None:

@@ -21,6 +21,10 @@ CREATE TABLE {name} (
 )
 """
 
+# The load modes' table (upsert matches rows on a key; replace matches them on the primary key).
+PK_TABLE_DDL = TABLE_DDL.replace("id          bigint,", "id          bigint PRIMARY KEY,", 1)
+assert PK_TABLE_DDL != TABLE_DDL
+
 HEADER = "id,created_at,user_id,amount,score,active,category,name,note,day\n"
 _WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu", "nu", "xi", "omicron", "pi", "rho", "sigma", "tau"]
 _CATEGORIES = ["books", "music", "garden", "tools", "toys", "food, fresh", "sports", "home"]
@@ -35,7 +39,9 @@ def write(path: Path, rows: int, seed: int = 1, bad_every: int = 0) -> Path:
     random places, has a letter in an integer column. The same arguments always write the
     same bytes, and the other rows are those of the file without bad rows. Bad rows at
     random, not every n-th row: a period lines up with the loader's piece sizes and makes
-    some sizes look far better or worse than they are."""
+    some sizes look far better or worse than they are. Another `seed` writes the same ids
+    (and dates, flags) with other values in every row: the load modes' benchmark starts from
+    such a file's rows, so that an update really changes each row."""
     rnd = random.Random(seed)
     bad = set(random.Random(seed + 1).sample(range(1, rows + 1), rows // bad_every)) if bad_every else set()
     path.parent.mkdir(parents=True, exist_ok=True)
