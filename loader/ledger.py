@@ -10,7 +10,7 @@ import asyncio
 import json
 import shlex
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -201,11 +201,17 @@ class Lease:
     seconds: float
 
 
-async def take_lease(conn: asyncpg.Connection, ledger: Ledger, lease: Lease, wait: float) -> None:
-    """Take the table's lease, waiting up to `wait` s while another load holds it; then
-    TryAgainLater, naming that load."""
+async def take_lease(
+    conn: asyncpg.Connection, ledger: Ledger, lease: Lease, wait: float, waiting: Callable[[str], None] | None = None
+) -> None:
+    """Take the table's lease, waiting up to `wait` s while another load holds it (said once
+    to `waiting`); then TryAgainLater, naming that load."""
     deadline = time.monotonic() + wait
+    said = False
     while not await ledger.take_lease(conn, lease):
+        if waiting is not None and not said and wait:
+            waiting(lease.table)
+            said = True
         if time.monotonic() >= deadline:
             holder = await ledger.lease_holder(conn, lease.table_oid)
             who = ""

@@ -482,7 +482,7 @@ async def load(
         verified = asyncio.ensure_future(asyncio.to_thread(source.verify, stop_verifying)) if source.compressed else None
         try:
             waits.connecting()
-            async with ControlSession(options, on_retry, interrupt) as session:
+            async with ControlSession(options, on_retry, interrupt, waits.table_held) as session:
                 waits.done()
                 job = _Load(options, source, batcher, session, report, on_retry, verified)
                 try:

@@ -71,6 +71,10 @@ class Waits:
             attempt = f"attempt {failures + 1} of {self.attempts}"
         self._say(f"retrying: {transient_reason(exc)} ({attempt})")
 
+    def table_held(self, table: str) -> None:
+        """--wait-lock: another load holds the table, and this one waits for it."""
+        self._say(f"waiting for another load of {table}")
+
     def done(self) -> None:
         self.report.waiting = None
         self._failures.clear()

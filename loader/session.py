@@ -39,9 +39,14 @@ class ControlSession:
     (a signal meanwhile cancels it); on exit the lease is given up and the session closed."""
 
     def __init__(
-        self, options: LoadOptions, on_retry: Callable[[BaseException], None], interrupt: asyncio.Event | None = None
+        self,
+        options: LoadOptions,
+        on_retry: Callable[[BaseException], None],
+        interrupt: asyncio.Event | None = None,
+        waiting: Callable[[str], None] | None = None,
     ) -> None:
         self.options = options
+        self.waiting = waiting  # told the table when another load holds it (--wait-lock)
         self.on_retry = on_retry
         self.interrupt = interrupt
         self.application_name = options.application_name
@@ -94,7 +99,7 @@ class ControlSession:
         lease = Lease(
             table_oid, table, self._holder, f"{socket.gethostname()} pid {os.getpid()}", not self.pooled, self.options.lease
         )
-        await take_lease(self.conn, self.ledger, lease, self.options.wait_lock)
+        await take_lease(self.conn, self.ledger, lease, self.options.wait_lock, self.waiting)
         self.lease, self._renewed = lease, time.monotonic()
 
     async def name(self, application_name: str, load_id: str) -> None:

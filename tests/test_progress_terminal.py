@@ -21,7 +21,7 @@ import pytest
 from rich.cells import cell_len
 
 from data import PLAIN_EVENTS, plain_csv
-from helpers import LOADER, Db, assert_ids_once, until
+from helpers import LOADER, Background, Db, assert_ids_once, until
 from loader.progress import Snapshot, render_line
 
 LONG_NAME = "events-2024-01-01-from-the-nightly-export-of-the-warehouse.csv"
@@ -217,3 +217,26 @@ def test_the_line_never_outgrows_any_width(snapshot: Snapshot) -> None:
             assert snapshot.waiting in line, (width, line)
         elif width >= 60 and snapshot.bytes_total:
             assert PROGRESS.search(line), (width, line)
+
+
+def test_a_load_waiting_for_the_table_says_so(db: Db, tmp_path: Path) -> None:
+    """With --wait-lock, a load that finds the table held by another one says that it waits
+    for it, rather than nothing at all, until it gets the table."""
+    db.script(
+        """
+        CREATE TABLE events (id bigint, name text);
+        CREATE FUNCTION pace() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN IF NEW.id % 1000 = 0 THEN PERFORM pg_sleep(0.2); END IF; RETURN NEW; END $$;
+        CREATE TRIGGER pace BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION pace();
+        """
+    )
+    first = Background(db, "import", str(plain_csv(tmp_path / "a.csv", 20_000)), "-t", "events", "--batch-size", "1000")
+    until(lambda: db.value("SELECT to_regclass('loader.batches')") and db.value("SELECT count(*) FROM loader.batches"))
+    second = db.loader(
+        "import", str(plain_csv(tmp_path / "b.csv", 10, start=20_001)), "-t", "events", "--wait-lock", "120",
+        "--log-interval", "0.2",
+    )
+    assert second.code == 0, second.stderr
+    assert first.wait() == 0
+    waiting = [line for line in second.stderr.splitlines() if line.endswith('waiting for another load of "public"."events"')]
+    assert waiting, second.stderr
