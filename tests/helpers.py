@@ -110,6 +110,11 @@ def query(dsn: str, statement: str, *args: Any) -> list[asyncpg.Record]:
     return asyncio.run(go())
 
 
+def server_major(dsn: str) -> int:
+    """The server's PostgreSQL major version (15, 18)."""
+    return int(query(dsn, "SELECT current_setting('server_version_num')::int / 10000")[0][0])
+
+
 @dataclass
 class Db:
     """A fresh database: run SQL in it, run the loader or psql against it."""
