@@ -77,7 +77,7 @@ def allowance(max_connections: int, reserved: int, in_use: int) -> int:
 @pytest.mark.own_cluster
 def test_workers_are_lowered_to_the_connections_the_server_can_spare(small_server: LocalCluster, tmp_path: Path) -> None:
     dsn = app_dsn(small_server)
-    rows = 600_000
+    rows = 200_000  # 100 batches through the slow trigger: seconds of load to watch
     csv = plain_csv(tmp_path / "e.csv", rows)
     held = 10  # the first one also samples pg_stat_activity
     sessions = Sessions(dsn)

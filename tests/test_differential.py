@@ -20,9 +20,11 @@ and the default, must then:
 * count them: rows_read == rows_loaded + rows_rejected == number of records,
 * exit 0 when nothing was rejected (and write no rejects file), 3 otherwise.
 
-A line of only \\. is the one record whose \\copy alone proves nothing (it ends the data
-and loads nothing): the oracle expects it rejected as a COPY format error (22P04), unless
-it is the file's last line without a line ending, which COPY reads as data. The
+A line of only \\. is, before PostgreSQL 18, the one record whose \\copy alone proves
+nothing (it ends the data and loads nothing): the oracle expects it rejected as a COPY format
+error (22P04), unless it is the file's last line without a line ending, which COPY reads as
+data. From PostgreSQL 18 on, CSV COPY reads every such line as data, and psql's \\copy of a
+file sends it as such: the oracle \\copies it like any other record. The
 last test pins that a record ending otherwise than the rest of its file loads as it does
 alone, whatever the batch size.
 """
@@ -42,7 +44,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from devserver import pg_binary
-from helpers import Db, read_rejects
+from helpers import Db, read_rejects, server_major
 
 # When a property fails, Hypothesis's pytest plugin imports libcst to write a patch file, and
 # libcst's import raises a DeprecationWarning, which the warnings-are-errors config turns into
@@ -244,8 +246,9 @@ def oracle(db: Db, folder: Path, csv_file: CsvFile) -> list[str | None]:
     folder.mkdir(exist_ok=True)
     script = ["\\set VERBOSITY sqlstate"]
     copy_at: dict[int, int] = {}  # script line of a \copy -> record index
+    ends_data = server_major(db.dsn) < 18  # a \. line ends CSV COPY's data; data from 18 on
     for i, rec in enumerate(csv_file.records):
-        if rec == END_MARKER and csv_file.endings[i]:  # a \. line: COPY's end of data, not a row
+        if ends_data and rec == END_MARKER and csv_file.endings[i]:  # COPY's end of data, not a row
             continue
         path = folder / f"rec{i}.csv"
         path.write_bytes(rec + csv_file.endings[i])
@@ -261,7 +264,8 @@ def oracle(db: Db, folder: Path, csv_file: CsvFile) -> list[str | None]:
     )
     assert proc.returncode == 0, proc.stderr
     states: list[str | None] = [
-        "22P04" if rec == END_MARKER and ending else None for rec, ending in zip(csv_file.records, csv_file.endings, strict=True)
+        "22P04" if ends_data and rec == END_MARKER and ending else None
+        for rec, ending in zip(csv_file.records, csv_file.endings, strict=True)
     ]
     for line in proc.stderr.decode(errors="replace").splitlines():
         match = _PSQL_ERROR.search(line)

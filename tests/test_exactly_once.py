@@ -168,8 +168,10 @@ def change_one_byte(path: Path, offset: int) -> None:
 
 # --- 1. kill -9 at any moment --------------------------------------------------------------
 
-CRASH_ROWS = 300_000
-CRASH_BATCH = 5000
+# 60 batches: enough moments to kill at; each batch's last row pauses, so the batches, not
+# their size, make the load last.
+CRASH_ROWS = 120_000
+CRASH_BATCH = 2000
 CRASH_BATCHES = CRASH_ROWS // CRASH_BATCH
 
 

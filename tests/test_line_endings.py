@@ -1,6 +1,12 @@
 """Records end where PostgreSQL's COPY says they end, and every record is either loaded or
 rejected: files with CR, CRLF or LF line endings, lines holding only \\. (COPY's end-of-data
-marker), stray carriage returns."""
+marker), stray carriage returns.
+
+A line of only \\. is where PostgreSQL's versions differ: before 18, CSV COPY ends its data
+there (the loader finds the line by the COPY's row count and rejects it, 22P04); from 18 on,
+CSV COPY reads it as data, like any other field. The tests read the server's version and
+check what that version does; the suite runs on 15 and 18 (scripts/test).
+"""
 
 from __future__ import annotations
 
@@ -8,16 +14,30 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Db, read_rejects
+from helpers import Db, read_rejects, server_major
+
+# The loader's message for a line of only \\. that ended a COPY's data (before PostgreSQL 18).
+ENDS_THE_DATA = "ends the data of a COPY"
 
 
-def load(db: Db, path: Path, *args: str) -> tuple[int, dict[str, object], str]:
-    run = db.loader("import", str(path), "-t", "t", "--json", *args)
+def load(db: Db, path: Path, *args: str, table: str = "t") -> tuple[int, dict[str, object], str]:
+    run = db.loader("import", str(path), "-t", table, "--json", *args)
     return run.code, (run.json() if run.stdout else {}), run.stderr
 
 
 def rows(db: Db) -> list[tuple[object, ...]]:
     return [tuple(r) for r in db.sql("SELECT a, b FROM t ORDER BY a")]
+
+
+def assert_marker_refused_by_an_int_column(db: Db, reject: object) -> None:
+    """Why a line of only \\., where an int column's value belongs, is rejected: before
+    PostgreSQL 18 it ends the COPY's data (22P04, the loader's message); from 18 on it is
+    data, which the int column refuses (22P02, the server's message)."""
+    assert isinstance(reject, dict)
+    if server_major(db.dsn) < 18:
+        assert (reject["sqlstate"], ENDS_THE_DATA in reject["message"]) == ("22P04", True), reject
+    else:
+        assert (reject["sqlstate"], reject["message"]) == ("22P02", 'column a: invalid input syntax for type integer: "\\."'), reject
 
 
 @pytest.mark.parametrize("batch_size", ["1", "2", "50000"])
@@ -63,8 +83,9 @@ def test_a_carriage_return_inside_the_last_record_of_an_lf_file_is_one_reject(db
 def test_a_line_holding_only_the_end_marker_is_rejected_and_the_rows_after_it_load(
     db: Db, tmp_path: Path, batch_size: str
 ) -> None:
-    """A line of only \\. would end COPY's data there: it is rejected at its line, and the
-    rows after it load, with bad rows in the same batch (the slow path) or not."""
+    """A line of only \\. (ending COPY's data there before PostgreSQL 18, an int column's bad
+    value from 18 on) is rejected at its line, and the rows after it load, with bad rows in the
+    same batch (the slow path) or not."""
     db.sql("CREATE TABLE t (a int, b text)")
     path = tmp_path / "dot.csv"
     path.write_bytes(b"a,b\nx,bad\n1,a\n\\.\n2,b\n3,c\n")
@@ -75,7 +96,7 @@ def test_a_line_holding_only_the_end_marker_is_rejected_and_the_rows_after_it_lo
     _, rejects = read_rejects(path.with_name("dot.csv.rejects.csv"))
     assert [(line, record) for line, _, record in rejects] == [(2, b"x,bad"), (4, b"\\.")]
     (marker,) = [r for r in report["rejects"] if r["line"] == 4]  # type: ignore[union-attr]
-    assert "\\." in marker["message"], marker
+    assert_marker_refused_by_an_int_column(db, marker)
 
 
 def test_the_end_marker_without_bad_rows_around_it_is_rejected_too(db: Db, tmp_path: Path) -> None:
@@ -90,3 +111,36 @@ def test_the_end_marker_without_bad_rows_around_it_is_rejected_too(db: Db, tmp_p
     assert rows(db) == [(1, "a"), (2, "\\."), (3, "c")]
     _, rejects = read_rejects(path.with_name("dot.csv.rejects.csv"))
     assert [(line, record) for line, _, record in rejects] == [(3, b"\\."), (6, b"\\.")]
+    by_line = {r["line"]: r for r in report["rejects"]}  # type: ignore[union-attr]
+    assert_marker_refused_by_an_int_column(db, by_line[3])
+    # The last line, without a line ending, is data on every version.
+    assert (by_line[6]["sqlstate"], by_line[6]["message"]) == ("22P02", 'column a: invalid input syntax for type integer: "\\."')
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n"], ids=["lf", "crlf"])
+@pytest.mark.parametrize("batch_size", ["1", "2", "50000"])
+def test_the_end_marker_is_a_value_from_postgresql_18_on_and_rejected_before(
+    db: Db, tmp_path: Path, batch_size: str, eol: bytes
+) -> None:
+    """Into a text column: before PostgreSQL 18, a line of only \\. ends CSV COPY's data, so
+    the loader rejects it (22P04) and loads the rows after it; from 18 on, CSV COPY reads it as
+    the text \\., so it loads like every other row. On both, a quoted "\\." and a last line
+    of \\. without a line ending are data, and no row is lost or doubled."""
+    db.sql("CREATE TABLE m (v text)")
+    path = tmp_path / "dot.csv"
+    path.write_bytes(eol.join([b"v", b"x", b"\\.", b'"\\."', b"y", b"\\."]))
+    code, report, err = load(db, path, "--batch-size", batch_size, table="m")
+    values = sorted(r[0] for r in db.sql("SELECT v FROM m"))
+    if server_major(db.dsn) < 18:
+        assert code == 3, err
+        assert (report["rows_read"], report["rows_loaded"], report["rows_rejected"]) == (5, 4, 1)
+        assert values == ["\\.", "\\.", "x", "y"]
+        (marker,) = report["rejects"]  # type: ignore[misc]
+        assert (marker["line"], marker["sqlstate"], ENDS_THE_DATA in marker["message"]) == (3, "22P04", True), marker
+        _, rejects = read_rejects(path.with_name("dot.csv.rejects.csv"))
+        assert [(line, record) for line, _, record in rejects] == [(3, b"\\.")]
+    else:
+        assert code == 0, err
+        assert (report["rows_read"], report["rows_loaded"], report["rows_rejected"]) == (5, 5, 0)
+        assert values == ["\\.", "\\.", "\\.", "x", "y"]
+        assert not path.with_name("dot.csv.rejects.csv").exists()

@@ -54,21 +54,24 @@ def test_a_file_appended_to_while_it_is_read_resumes_exactly_once_complete(db: D
     """A source still being written is not a success: exit 75, no half-written line loaded;
     the next run, once the file is complete, loads the rest, each row exactly once."""
     db.script(SLOW_EVENTS)
-    path = write_csv(tmp_path / "e.csv", event_rows(40_000), EVENTS_HEADER)
+    # 10 batches: the slow trigger (pg_sleep rounds up to 1 ms a row) keeps the load running
+    # for seconds after the test sees its first two batches committed.
+    rows = 10_000
+    path = write_csv(tmp_path / "e.csv", event_rows(rows), EVENTS_HEADER)
     proc = start_slow_load(db, path)
     with open(path, "a", encoding="utf-8") as more:
-        more.write("40001,appen")  # half a line, as a writer leaves it between two writes
+        more.write(f"{rows + 1},appen")  # half a line, as a writer leaves it between two writes
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err.decode()
     assert "changed while it was read" in err.decode()
-    assert db.value("SELECT count(*) FROM events WHERE id = 40001") == 0
+    assert db.value("SELECT count(*) FROM events WHERE id = $1", rows + 1) == 0
     with open(path, "a", encoding="utf-8") as more:
         more.write("ded,x,1,2024-01-01 00:00:00+00,t\n")
     again = db.loader("import", str(path), "-t", "events", "--workers", "2", "--batch-size", "1000", "--json")
     assert again.code == 0, again.stderr
-    assert db.value("SELECT count(*) FROM events") == 40_001
-    assert db.value("SELECT count(DISTINCT id) FROM events") == 40_001
-    assert db.value("SELECT name FROM events WHERE id = 40001") == "appended"
+    assert db.value("SELECT count(*) FROM events") == rows + 1
+    assert db.value("SELECT count(DISTINCT id) FROM events") == rows + 1
+    assert db.value("SELECT name FROM events WHERE id = $1", rows + 1) == "appended"
 
 
 def corrupt_gzip(tmp_path: Path) -> Path:
