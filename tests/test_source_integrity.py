@@ -143,15 +143,15 @@ def _compress(codec: str, data: bytes) -> bytes:
 def test_zstd_bzip2_and_xz_sources_load_from_a_file_and_from_stdin(db: Db, tmp_path: Path, codec: str) -> None:
     """A compressed source is told by its magic bytes, whatever its name, on disk or on stdin."""
     db.sql("CREATE TABLE events (id bigint, name text, note text, amount numeric, at timestamptz, flag boolean)")
-    source = write_csv(tmp_path / "e.csv", event_rows(20_000), EVENTS_HEADER)
+    source = write_csv(tmp_path / "e.csv", event_rows(5_000), EVENTS_HEADER)
     path = tmp_path / "export.dat"  # no telling extension
     path.write_bytes(_compress(codec, source.read_bytes()))
     for args in (["import", str(path)], ["import", "-", "--load-name", f"{codec}-stdin"]):
-        run = db.loader(*args, "-t", "events", "--batch-size", "3000", input=path.read_bytes())
+        run = db.loader(*args, "-t", "events", "--batch-size", "1000", input=path.read_bytes())
         assert run.code == 0, run.stderr
     db.sql("CREATE TABLE twin (LIKE events)")
     db.psql_copy("twin", source)
-    assert db.value("SELECT count(*) FROM events") == 40_000
+    assert db.value("SELECT count(*) FROM events") == 10_000
     assert db.value("SELECT count(*) FROM (SELECT * FROM events EXCEPT SELECT * FROM twin) x") == 0
 
 
@@ -159,7 +159,7 @@ def test_zstd_bzip2_and_xz_sources_load_from_a_file_and_from_stdin(db: Db, tmp_p
 def test_rows_of_a_corrupt_zstd_bzip2_or_xz_file_are_never_committed(db: Db, tmp_path: Path, codec: str) -> None:
     """As for gzip: a stream that breaks after a while commits none of its rows: exit 2."""
     db.sql("CREATE TABLE events (id bigint, name text, note text, amount numeric, at timestamptz, flag boolean)")
-    source = write_csv(tmp_path / "e.csv", event_rows(50_000), EVENTS_HEADER)
+    source = write_csv(tmp_path / "e.csv", event_rows(20_000), EVENTS_HEADER)
     data = bytearray(_compress(codec, source.read_bytes()))
     data[len(data) * 2 // 3] ^= 0xFF
     path = tmp_path / "e.csv.x"
