@@ -137,6 +137,14 @@ class LocalCluster:
     def start(self) -> LocalCluster:
         self.bin_dir = self.bin_dir or pg_bin_dir()
         self.root = Path(tempfile.mkdtemp(prefix="loader-pg-"))
+        try:
+            self._create()
+        except BaseException:  # a failure or a Ctrl-C halfway leaves no server running
+            self.stop()
+            raise
+        return self
+
+    def _create(self) -> None:
         if os.geteuid() == 0:
             shutil.chown(self.root, "postgres", "postgres")
         self.port = self.port or _free_port()
@@ -164,7 +172,6 @@ class LocalCluster:
         self.psql(
             f"CREATE ROLE {PASSWORD_USER} LOGIN SUPERUSER PASSWORD '{PASSWORD}'",
         )
-        return self
 
     def start_server(self) -> None:
         result = self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "start", check=False)
