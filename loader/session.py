@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -115,9 +116,7 @@ class ControlSession:
         await self._conn.execute(sql.SET_APPLICATION_NAME, self.application_name)
         if self.lease is not None:  # taken back at once, or another load got it meanwhile: exit 75
             self.pooled = await is_pooled(self._conn)
-            lease = Lease(
-                self.lease.table_oid, self.lease.table, self._holder, self.lease.client, not self.pooled, self.lease.seconds
-            )
+            lease = dataclasses.replace(self.lease, direct=not self.pooled)  # the new session's own
             await take_lease(self._conn, self.ledger, lease, wait=0.0)
             self.lease, self._renewed = lease, time.monotonic()
 
