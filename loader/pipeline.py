@@ -347,14 +347,11 @@ class _Load:
         """Nothing was committed, nor written to the ledger: the rejects file comes from the
         rejects the run collected."""
         if self.rejected:
-            async def remapped() -> AsyncIterator[Reject]:
+            async def collected() -> AsyncIterator[Reject]:
                 for r in self.rejected:
-                    yield Reject(self.original_line(r.line), r.sqlstate, r.message, r.record)
+                    yield r
 
-            await rejects_file.write(
-                self.rejects_path, planned.load_id, self.header, remapped(), self.options.dialect.python_encoding
-            )
-            self.report.rejects_file = str(self.rejects_path)
+            await self._write_rejects_file(planned.load_id, collected())
         self.finished = True
         if error is not None:
             raise error
@@ -407,16 +404,18 @@ class _Load:
         )
 
     async def _write_rejects(self, load_id: str) -> None:
-        async def remapped(rows: AsyncIterator[Reject]) -> AsyncIterator[Reject]:
+        conn = await self.session.get()
+        async with conn.transaction():
+            await self._write_rejects_file(load_id, self.ledger.rejects(conn, load_id))
+
+    async def _write_rejects_file(self, load_id: str, rows: AsyncIterator[Reject]) -> None:
+        """The rejects file, each row under its line in the original source."""
+
+        async def remapped() -> AsyncIterator[Reject]:
             async for r in rows:
                 yield Reject(self.original_line(r.line), r.sqlstate, r.message, r.record)
 
-        conn = await self.session.get()
-        async with conn.transaction():
-            rows = self.ledger.rejects(conn, load_id)
-            await rejects_file.write(
-                self.rejects_path, load_id, self.header, remapped(rows), self.options.dialect.python_encoding
-            )
+        await rejects_file.write(self.rejects_path, load_id, self.header, remapped(), self.options.dialect.python_encoding)
         self.report.rejects_file = str(self.rejects_path)
 
     def _changed(self, planned: Plan, batch: Batch | None, what: str) -> SourceChanged:
