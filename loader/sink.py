@@ -29,7 +29,7 @@ from .errors import (
 )
 from .isolate import ErrorRate, isolate, misread_message
 from .ledger import Ledger
-from .modes import Turns, Upsert
+from .modes import NO_KEYS, Span, Turns, Upsert
 from .options import CsvDialect, RetryPolicy
 from .records import Bytes, holds_end_marker
 from .rejects import Reject
@@ -175,11 +175,24 @@ class Sink:
             raise MisreadRecords(misread_message(data, rows, records))
         upsert = self._writing.upsert
         if upsert is not None and self._turns is not None:
-            await self._turns.wait(batch.number)
+            await self._turns.wait(batch.number, await self._span(conn, upsert, batch, records))
             merged = await conn.fetchrow(upsert.merge)
             tally.inserted += merged["inserted"]
             tally.updated += merged["updated"]
         return rows
+
+    @staticmethod
+    async def _span(conn: asyncpg.Connection, upsert: Upsert, batch: Batch, records: int) -> Span | None:
+        """The staged batch's key range, when it can be known: the whole batch is staged, and
+        the key's order is one the client reproduces."""
+        if upsert.span is None or records != batch.rows:
+            return None
+        row = await conn.fetchrow(upsert.span)
+        if row is None:
+            return NO_KEYS
+        values = tuple(row.values())
+        half = len(values) // 2
+        return values[:half], values[half:]
 
     @contextlib.asynccontextmanager
     async def _attempt(self) -> AsyncIterator[asyncpg.Connection]:

@@ -363,6 +363,14 @@ UPSERT_STAGE = "loader_stage"  # a temporary table, one per batch transaction
 # Whether every column $2 (names as they are) of the table $1 is NOT NULL.
 NOT_NULL = "SELECT bool_and(attnotnull) FROM pg_attribute WHERE attrelid = $1 AND attname = ANY($2::text[])"
 
+# Whether every column $2 of the table $1 has a type whose order Python reproduces on the
+# values asyncpg returns (integers, dates, timestamps, uuids): batches' key ranges are then
+# compared on the client (see modes.Turns).
+KEY_ORDER_KNOWN = """
+SELECT bool_and(atttypid = ANY('{int2,int4,int8,date,timestamp,timestamptz,uuid}'::regtype[]::oid[]))
+  FROM pg_attribute WHERE attrelid = $1 AND attname = ANY($2::text[])
+"""
+
 # Sorts and hashes of a merge (a batch's keys; the stage against the table) in memory rather
 # than on disk: set for the merging transactions only.
 MERGE_WORK_MEM: Mapping[str, str] = MappingProxyType({"work_mem": "64MB"})
@@ -385,7 +393,8 @@ def merge_upsert_stage(
     """Merge the stage into the table: one row per key (the file's last with `update`, its
     first without), inserted or, on a key that exists, updated (or kept). Rows with a NULL in
     the key never conflict: all of them go in (no such branch when the key cannot be NULL).
-    No ORDER BY: merges run one at a time (modes.Turns), so no lock order is needed.
+    No ORDER BY: merges that may share a key run one at a time (modes.Turns), so no lock
+    order is needed.
     Returns the counts of rows inserted and updated."""
     listed = ", ".join(map(quote_ident, columns))
     keys = ", ".join(map(quote_ident, key))
@@ -414,6 +423,17 @@ WITH merged AS (
 )
 SELECT count(*) FILTER (WHERE inserted) AS inserted, count(*) FILTER (WHERE NOT inserted) AS updated FROM merged
 """
+
+
+def upsert_stage_span(key: Sequence[str]) -> str:
+    """The lowest and the highest key in the stage (rows with a NULL in the key aside), side
+    by side in one row; no row when no row has a whole key."""
+    keys = ", ".join(map(quote_ident, key))
+    whole = " AND ".join(f"{quote_ident(k)} IS NOT NULL" for k in key)
+    stage = qualified("pg_temp", UPSERT_STAGE)
+    lowest = f"SELECT {keys} FROM {stage} WHERE {whole} ORDER BY {keys} LIMIT 1"
+    highest = f"SELECT {keys} FROM {stage} WHERE {whole} ORDER BY {', '.join(f'{quote_ident(k)} DESC' for k in key)} LIMIT 1"
+    return f"SELECT * FROM ({lowest}) AS lowest CROSS JOIN ({highest}) AS highest"
 
 
 def empty_upsert_stage() -> str:

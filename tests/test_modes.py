@@ -340,6 +340,55 @@ def test_upsert_with_8_workers_the_last_row_of_a_key_wins_within_and_across_batc
     assert db.value("SELECT name FROM items WHERE id = 8888") == "row 9000"  # a new key, batches 1 and 18
 
 
+def test_upsert_of_a_file_sorted_by_its_key_merges_batches_at_once_and_the_last_row_still_wins(
+    db: Db, tmp_path: Path
+) -> None:
+    """Batches of a file sorted by its key hold keys apart, and merge at once: while batch 2's
+    merge is held up (a trigger holds it until the file's last row is in the table), the
+    batches after it merge and commit. A batch whose keys may meet an earlier one's (a key at
+    the end of batch 2 and again at the start of batch 3, a key repeated far apart) still
+    merges after it, so the last row of a key wins. The table equals the base with the file
+    applied in file order."""
+    db.script(
+        """
+        CREATE TABLE items (id bigint PRIMARY KEY, name text NOT NULL);
+        CREATE TABLE seen (what text, waited boolean);
+        CREATE FUNCTION hold() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.name = 'last' THEN
+                INSERT INTO seen VALUES ('last', false);
+            ELSIF NEW.name = 'hold' THEN
+                FOR i IN 1..600 LOOP
+                    EXIT WHEN EXISTS (SELECT FROM seen WHERE what = 'last');
+                    PERFORM pg_sleep(0.05);
+                END LOOP;
+                INSERT INTO seen VALUES ('hold', EXISTS (SELECT FROM seen WHERE what = 'last'));
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER hold BEFORE INSERT ON items FOR EACH ROW EXECUTE FUNCTION hold();
+        """
+    )
+    db.sql("INSERT INTO items SELECT g, 'base ' || g FROM generate_series(1, 4000) g")
+    rows = [(2000 + r, f"row {r}") for r in range(1, 10_001)]  # 2001..4000 exist, the rest are new
+    rows[599] = (rows[599][0], "hold")  # batch 2
+    rows[999] = (2999, "row 1000")  # the end of batch 2 ...
+    rows[1000] = (2999, "row 1001")  # ... and the start of batch 3: the later wins
+    rows[99] = (9000, "row 100")  # again at row 7000, batch 14
+    rows[4999] = (2010, "row 5000")  # first at row 10, batch 1
+    rows[-1] = (rows[-1][0], "last")
+    write_rows(tmp_path / "sorted.csv", "id,name", rows)
+    run = db.loader(
+        "import", "sorted.csv", "-t", "items", "--mode", "upsert", "--key", "id",
+        "--workers", "8", "--batch-size", "500",
+    )
+    assert run.code == 0, run.stderr
+    assert db.sql("SELECT what, waited FROM seen ORDER BY what") == [("hold", True), ("last", False)]
+    expected = last_wins(rows, {i: (f"base {i}",) for i in range(1, 4001)})
+    assert table_rows(db, "SELECT id, name FROM items") == expected
+    assert [db.value(f"SELECT name FROM items WHERE id = {key}") for key in (2999, 9000, 2010)] == ["row 1001", "row 7000", "row 5000"]
+
+
 def test_upsert_rejects_each_row_the_merge_refuses_at_its_line_and_merges_the_rest(db: Db, tmp_path: Path) -> None:
     """A row the merge refuses (NOT NULL, CHECK, foreign key, or a bad value), whether it would
     update an existing row or insert a new one, is rejected at its line with its SQLSTATE
