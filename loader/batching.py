@@ -21,7 +21,7 @@ import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .errors import LoaderError, UsageError
+from .errors import BadSource, SourceFailed
 from .options import CsvDialect
 from .records import RecordSyntax
 from .source import Source, read_block, read_into
@@ -161,14 +161,14 @@ class Batcher:
         self.dialect = dataclasses.replace(self.dialect, newline=newline)
         self._syntax = RecordSyntax.of(self.dialect)
 
-    def _too_long(self, quote_open: bool) -> LoaderError:
+    def _too_long(self, quote_open: bool) -> SourceFailed:
         limit = f"{self._max_record / (1 << 20):g} MiB" if self._max_record >= 1 << 20 else f"{self._max_record:,} bytes"
         why = (
             "a quote opened in it is never closed, or the file holds records that long"
             if quote_open
             else "no line ending comes within that many bytes"
         )
-        return LoaderError(
+        return SourceFailed(
             f"{self._source.name}: the record starting at line {self._line} is longer than {limit} "
             f"(--max-record-bytes): {why}; raise --max-record-bytes (up to 1 GiB) if its records are that long"
         )
@@ -367,7 +367,7 @@ def parse_header(record: bytes, dialect: CsvDialect, source_name: str) -> list[s
     try:
         text = record.decode(dialect.python_encoding)
     except UnicodeDecodeError:
-        raise UsageError(
+        raise BadSource(
             f"{source_name}: line 1 (the header) is not valid {dialect.encoding}; pass the file's --encoding"
         ) from None
     reader = csv.reader(

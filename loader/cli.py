@@ -32,6 +32,7 @@ from typer.exceptions import TyperException
 
 from . import metrics, pipeline
 from .errors import EXIT_FATAL, EXIT_USAGE, LoaderError, UsageError
+from .fileset import expand
 from .options import (
     DEFAULT_BATCH_BYTES,
     DEFAULT_BATCH_ROWS,
@@ -51,7 +52,7 @@ from .options import (
     parse_rate,
 )
 from .progress import show as show_progress
-from .report import Report
+from .report import Report, SetReport
 
 EXIT_CODES = (
     "Exit codes: 0 every row loaded; 1 fatal failure; 2 usage or configuration error "
@@ -259,10 +260,10 @@ def _prepared(args: LoadArgs, build: Callable[[], LoadOptions]) -> LoadOptions:
         raise
 
 
-Job = Callable[[asyncio.Event, Callable[[Report], None]], Coroutine[Any, Any, Report]]
+Job = Callable[[asyncio.Event, Callable[[Report], None]], Coroutine[Any, Any, Report | SetReport]]
 
 
-async def _with_signals_and_progress(job: Job, progress: bool, log_interval: float) -> Report:
+async def _with_signals_and_progress(job: Job, progress: bool, log_interval: float) -> Report | SetReport:
     """SIGINT/SIGTERM once: stop cleanly (in-flight batches finish, the next run resumes);
     twice: exit at once (the ledger still guarantees the next run resumes exactly)."""
     interrupt = asyncio.Event()
@@ -276,9 +277,16 @@ async def _with_signals_and_progress(job: Job, progress: bool, log_interval: flo
         _say.warning(f"loader: {signal.Signals(signum).name}: stopping after the batches in flight (again to exit now)")
         interrupt.set()
 
+    async def show_after(earlier: list[asyncio.Task[None]], report: Report) -> None:
+        await asyncio.gather(*earlier, return_exceptions=True)  # one live line at a time
+        await show_progress(report, log_interval)
+
     def on_start(report: Report) -> None:
+        """A load begins (in a file set, each source's in turn): its progress replaces the last."""
         if progress:
-            shown.append(asyncio.create_task(show_progress(report, log_interval)))
+            for task in shown:
+                task.cancel()
+            shown.append(asyncio.create_task(show_after(list(shown), report)))
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
@@ -292,7 +300,7 @@ async def _with_signals_and_progress(job: Job, progress: bool, log_interval: flo
 
 def _run(job: Job, args: LoadArgs, progress: bool) -> None:
     started = time.monotonic()
-    report: Report | None = None
+    report: Report | SetReport | None = None
     code = EXIT_FATAL
     try:
         report = asyncio.run(_with_signals_and_progress(job, progress, args.log_interval))
@@ -313,19 +321,25 @@ def _run(job: Job, args: LoadArgs, progress: bool) -> None:
 
 @_load_command("import")
 def import_(
-    source: Annotated[str, typer.Argument(metavar="SOURCE", help="CSV file to load (.gz is read transparently), or - for stdin.", show_default=False)],
+    sources: Annotated[list[str], typer.Argument(metavar="SOURCE...", help="CSV files to load (compressed ones are read transparently), quoted globs ('exports/*.csv.gz', 'exports/**/*.csv'), directories, or - for stdin.", show_default=False)],
     args: LoadArgs,
 ) -> None:
-    """Load a CSV file into a PostgreSQL table, exactly once: a re-run resumes an unfinished
-    load, and does nothing for a finished one."""
+    """Load CSV files into a PostgreSQL table, each exactly once: a re-run resumes an
+    unfinished load, and does nothing for a finished one."""
     _setup_logging(args.verbose)
+    files = expand(sources)
 
     def build() -> LoadOptions:
         check_seconds("--log-interval", args.log_interval)
-        return _load_options(source, args)
+        if files.several and args.load_name:
+            raise UsageError("--load-name names the load of one source; each source of a file set is a load named by its path")
+        return _load_options(files.sources[0] if files.sources else sources[0], args)
 
     options = _prepared(args, build)
-    _run(lambda interrupt, on_start: pipeline.load(options, interrupt, on_start), args, progress=True)
+    if files.several:
+        _run(lambda interrupt, on_start: pipeline.load_set(options, files, interrupt, on_start), args, progress=True)
+    else:
+        _run(lambda interrupt, on_start: pipeline.load(options, interrupt, on_start), args, progress=True)
 
 
 # Not --load-name: the load is named after the rejects file, so that a re-run resumes it. Not
@@ -434,7 +448,7 @@ class _NoTraceback(logging.Formatter):
         return " ".join(super().format(record).split("\n")[:1])
 
 
-def _print_report(report: Report, json_output: bool) -> None:
+def _print_report(report: Report | SetReport, json_output: bool) -> None:
     _say.info(report.summary())
     if json_output:
         print(json.dumps(report.to_dict()), flush=True)

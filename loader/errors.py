@@ -3,9 +3,13 @@
     LoaderError           exit 1: the load could not finish
     ├── Interrupted       exit 1: stopped by SIGINT/SIGTERM; the next run resumes
     ├── TableReplaced     exit 1: the target table was dropped or replaced under the load
+    ├── SourceFailed      exit 1: one source could not be read through (I/O, a record too long, --max-errors)
     ├── UsageError        exit 2: a mistake in the command, the file or the target; nothing was loaded
-    │   └── SourceChanged exit 2: the file is not what an earlier run of this load committed
+    │   └── BadSource     exit 2: one source cannot be loaded as it is (missing, corrupt, its header)
+    │       └── SourceChanged exit 2: the file is not what an earlier run of this load committed
     └── TryAgainLater     exit 75: not now (table locked by another load, deadline reached); resumable
+
+In a file set, SourceFailed and BadSource end that source's load only: the others still load.
 
 Each carries a one-line, user-facing message. They are raised where the problem is
 known and turned into output only at the CLI's edge.
@@ -49,7 +53,15 @@ class TryAgainLater(LoaderError):
     exit_code = EXIT_TEMPFAIL
 
 
-class SourceChanged(UsageError):
+class BadSource(UsageError):
+    """This source cannot be loaded as it is; another source of the same command may be."""
+
+
+class SourceFailed(LoaderError):
+    """This source could not be loaded to its end; another source of the same command may be."""
+
+
+class SourceChanged(BadSource):
     """The source is not what an earlier run of the same load committed; resuming would corrupt it."""
 
 

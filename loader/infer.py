@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from .errors import LoaderError
 from .options import CsvDialect
 
 # From narrow to wide; a column takes the first type every one of its values fits.
@@ -120,3 +121,13 @@ def read_records(path: str, dialect: CsvDialect, limit: int | None) -> Iterator[
             yield [None if value in ("", dialect.null) else value for value in row]
     finally:
         source.close()
+
+
+def records_of(paths: Iterable[str], dialect: CsvDialect, limit: int | None) -> Iterator[list[str | None]]:
+    """The records of every file that can be read, each file's header skipped, at most
+    `limit` of each. A file that cannot be read is left out: its own load says why."""
+    for path in paths:
+        try:
+            yield from read_records(path, dialect, limit)
+        except LoaderError:
+            continue

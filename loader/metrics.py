@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from .errors import LoaderError
-from .report import Report
+from .report import Report, SetReport
 
 _METRICS = (
     ("loader_last_run_end_timestamp_seconds", "gauge", "When the last run ended (Unix time)."),
@@ -30,7 +30,7 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def write(path: Path, table: str, exit_code: int, report: Report | None, duration: float, mode: str = "append") -> None:
+def write(path: Path, table: str, exit_code: int, report: Report | SetReport | None, duration: float, mode: str = "append") -> None:
     """The CLI checks the path before the run (options.check_writable); should it fail anyway
     by the end (folder removed, disk full), that is one line naming the option, not a crash."""
     values = [

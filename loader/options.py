@@ -311,6 +311,7 @@ class LoadOptions(ConnectOptions):
     dry_run: bool = False  # send every batch, commit none
     create: bool = False  # create a missing table, with types inferred from the data
     infer_rows: int | None = None  # --create reads this many records to infer types; None: all
+    create_from: tuple[str, ...] = ()  # --create: the files whose data the types must fit; (): the source
     auto_workers: bool = False  # adapt the batches in flight between 1 and `workers`
     deadline: float | None = None  # Unix time after which no batch starts (exit 75, resumable)
     max_rate: Rate | None = None

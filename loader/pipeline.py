@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import asyncpg
@@ -28,24 +28,27 @@ from .concurrency import Concurrency
 from .connect import connect, describe_server, open_pool, resolve_dsn, transaction_settings
 from .errors import (
     TOO_MANY_CONNECTIONS,
+    BadSource,
     Interrupted,
     LoaderError,
     SourceChanged,
+    SourceFailed,
     TryAgainLater,
     UsageError,
     is_transient,
     server_message,
     sqlstate,
 )
-from .infer import infer_types, read_records
+from .fileset import FileSet
+from .infer import infer_types, records_of
 from .ledger import Ledger
 from .modes import Upsert, replace_stage_name, replace_stage_statements, stage_for_replace, switch_to_stage, upsert
 from .options import ConnectOptions, CsvDialect, LoadOptions, check_writable
 from .plan import Plan, mtime, plan
 from .pressure import ReplicaLag, connection_budget, require_monitor
 from .progress import Waits
-from .rejects import Reject
-from .report import Report
+from .rejects import REJECTS_SUFFIX, Reject
+from .report import Report, SetReport, SourceOutcome
 from .session import ControlSession
 from .sink import Sink, Writing
 from .source import Source, open_source
@@ -61,12 +64,15 @@ log = logging.getLogger("loader")
 def _columns(options: LoadOptions, target: Target, header: list[str] | None) -> tuple[str, ...]:
     if options.columns is not None:
         if header is not None and len(header) != len(options.columns):
-            raise UsageError(
-                f"the header has {len(header)} fields but --columns names {len(options.columns)} columns"
+            raise BadSource(
+                f"{_shown(options)}: the header has {len(header)} fields but --columns names {len(options.columns)} columns"
             )
         return target.pick_columns(options.columns, "--columns")
     if header is not None:
-        return target.pick_columns(header, f"the header of {_shown(options)}", header=True)
+        try:
+            return target.pick_columns(header, f"the header of {_shown(options)}", header=True)
+        except UsageError as exc:  # this file's header: another file's may be right
+            raise BadSource(exc.message) from None
     return target.columns
 
 
@@ -166,7 +172,7 @@ class _Load:
         names = list(options.columns or header_fields or [])
         if not names:
             raise UsageError("--create needs the columns' names: a header, or --columns")
-        records = read_records(options.source, options.dialect, options.infer_rows)
+        records = records_of(options.create_from or (options.source,), options.dialect, options.infer_rows)
         types = await asyncio.to_thread(infer_types, records, len(names))
         return await create_table(conn, options.table, list(zip(names, types, strict=True)), options.dry_run)
 
@@ -504,6 +510,75 @@ async def load(
         source.close()
     report.elapsed_s = time.monotonic() - started
     return report
+
+
+async def load_set(
+    options: LoadOptions,
+    files: FileSet,
+    interrupt: asyncio.Event | None = None,
+    on_start: Callable[[Report], None] | None = None,
+) -> SetReport:
+    """Load each file of a set as a load of its own (exactly once per file), one after
+    another, in the set's order. A source that cannot be loaded (missing, unreadable, corrupt,
+    changed since it was loaded, a header the table lacks) is told by name and the others
+    still load; any other failure (another load holds the table, the deadline, a signal)
+    stops the run there, and the next run of the same command takes up what is left."""
+    started = time.monotonic()
+    result = SetReport(table=options.table, mode=options.mode, dry_run=options.dry_run, empty=files.empty)
+    for pattern in files.empty:
+        log.warning("loader: warning: %s matches no file", pattern)
+    rejects = _rejects_paths(options, files.sources)
+    if options.create:
+        options = dataclasses.replace(options, create_from=files.sources)
+    try:
+        for number, path in enumerate(files.sources):
+            if interrupt is not None and interrupt.is_set():
+                result.stopped(Interrupted.exit_code)
+                _not_started(result, files.sources[number:])
+                break
+            try:
+                report = await load(dataclasses.replace(options, source=path, rejects=rejects[path]), interrupt, on_start)
+            except (BadSource, SourceFailed) as exc:  # this source's own trouble
+                message = exc.message if path in exc.message else f"{path}: {exc.message}"
+                log.error("loader: error: %s", message)
+                result.sources.append(SourceOutcome(path, "failed", exc.report, message, exc.exit_code))
+            except LoaderError as exc:
+                log.error("loader: error: %s", exc.message)
+                began = exc.report is not None and bool(exc.report.load_id)
+                result.sources.append(SourceOutcome(path, "stopped" if began else "not-started", exc.report, exc.message, exc.exit_code))
+                result.stopped(exc.exit_code)
+                _not_started(result, files.sources[number + 1 :])
+                break
+            else:
+                result.table = report.table  # as the server names it
+                state = "skipped" if report.note else "loaded-with-rejects" if report.rows_rejected else "loaded"
+                result.sources.append(SourceOutcome(path, state, report, None, report.exit_code))
+    finally:
+        result.elapsed_s = time.monotonic() - started
+    return result
+
+
+def _not_started(result: SetReport, paths: Sequence[str]) -> None:
+    result.sources.extend(SourceOutcome(path, "not-started") for path in paths)
+
+
+def _rejects_paths(options: LoadOptions, sources: Sequence[str]) -> dict[str, str | None]:
+    """Each source's rejects file: next to it, or in the --rejects directory under its file
+    name (two sources of one name there: exit 2 before anything loads)."""
+    if options.rejects is None:
+        return dict.fromkeys(sources)
+    if not Path(options.rejects).is_dir():
+        if len(sources) > 1:
+            raise UsageError(f"--rejects {options.rejects}: with several sources, name a directory (each source's rejects go there under its file name)")
+        return dict.fromkeys(sources, options.rejects)
+    paths: dict[str, str | None] = {}
+    owners: dict[str, str] = {}
+    for source in sources:
+        path = str(Path(options.rejects) / (Path(source).name + REJECTS_SUFFIX))
+        if path in owners:
+            raise UsageError(f"--rejects {options.rejects}: {owners[path]} and {source} would both write {path}")
+        owners[path] = paths[source] = path
+    return paths
 
 
 async def retry_rejects(rejects_path: str, options: LoadOptions, interrupt: asyncio.Event | None = None) -> Report:

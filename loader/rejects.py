@@ -33,11 +33,14 @@ class Reject:
     record: bytes  # exactly as in the source, without its line ending
 
 
+REJECTS_SUFFIX = ".rejects.csv"
+
+
 def default_path(source_name: str) -> Path:
     """Next to the source (data.csv -> data.csv.rejects.csv); for stdin, in the working directory."""
     if source_name == "-":
         return Path("stdin.rejects.csv")
-    return Path(source_name + ".rejects.csv")
+    return Path(source_name + REJECTS_SUFFIX)
 
 
 def _quoted(value: bytes) -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import EXIT_OK, EXIT_REJECTS
+from .errors import EXIT_FATAL, EXIT_OK, EXIT_REJECTS, EXIT_TEMPFAIL, EXIT_USAGE
 
 MAX_KEPT_REJECTS = 100  # the report keeps the first ones; the counters count them all
 SHOWN_REJECTS = 5
@@ -161,3 +161,119 @@ class Report:
 def _count(n: int, one: str, many: str | None = None) -> str:
     """`1 row`, `2 rows`, `1 batch`, `0 batches`."""
     return f"{n:,} {one if n == 1 else (many or one + 's')}"
+
+
+@dataclass(frozen=True)
+class SourceOutcome:
+    """What became of one source of a file set."""
+
+    source: str
+    state: str  # loaded, loaded-with-rejects, skipped, failed, stopped, not-started (see SetReport)
+    report: Report | None = None  # None: its load never began
+    error: str | None = None
+    exit_code: int = EXIT_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        report = self.report
+        data: dict[str, Any] = {"source": self.source, "state": self.state, "error": self.error, "exit_code": self.exit_code}
+        for name in ("load_id", "rows_read", "rows_loaded", "rows_rejected", "rows_skipped", "rows_inserted", "rows_updated", "rejects_file"):
+            data[name] = getattr(report, name) if report is not None else (None if name in _OPTIONAL else 0)
+        if report is not None and not report.load_id:
+            data["load_id"] = None
+        return data
+
+    def summary(self) -> str:
+        if self.report is not None and self.state != "failed":
+            line = self.report.summary()
+            return line if self.report.note else f"{self.source}: {line}"
+        error = (self.error or "").removeprefix(f"{self.source}: ")
+        return f"{self.source}: {self.state}" + (f": {error}" if error else "")
+
+
+_OPTIONAL = frozenset({"load_id", "rows_inserted", "rows_updated", "rejects_file"})
+
+# The worse outcome decides a file set's exit code: a stopped run (run it again), a source
+# that failed, a source refused as it is, rejected rows, all loaded.
+_WORST_FIRST = (EXIT_TEMPFAIL, EXIT_FATAL, EXIT_USAGE, EXIT_REJECTS)
+
+
+@dataclass
+class SetReport:
+    """A file set's run: each source a load of its own, told one by one, then the totals.
+
+    States: loaded; loaded-with-rejects; skipped (an earlier run loaded it: nothing to do);
+    failed (it could not be loaded: the error says why; the others still were); stopped (the
+    run stopped in it: the next run resumes it); not-started (the run stopped before it)."""
+
+    table: str
+    mode: str = "append"
+    dry_run: bool = False
+    sources: list[SourceOutcome] = field(default_factory=list)
+    empty: tuple[str, ...] = ()  # globs and directories that matched no file
+    elapsed_s: float = 0.0
+    _stopped_exit_code: int | None = field(default=None, repr=False)
+
+    def stopped(self, exit_code: int) -> None:
+        self._stopped_exit_code = exit_code
+
+    def _total(self, name: str) -> int:
+        return sum(getattr(o.report, name) for o in self.sources if o.report is not None)
+
+    @property
+    def rows_read(self) -> int:
+        return self._total("rows_read")
+
+    @property
+    def rows_loaded(self) -> int:
+        return self._total("rows_loaded")
+
+    @property
+    def rows_rejected(self) -> int:
+        return self._total("rows_rejected")
+
+    @property
+    def retries(self) -> int:
+        return self._total("retries")
+
+    @property
+    def exit_code(self) -> int:
+        codes = {o.exit_code for o in self.sources}
+        if self._stopped_exit_code is not None:
+            codes.add(self._stopped_exit_code)
+        return next((code for code in _WORST_FIRST if code in codes), EXIT_OK)
+
+    def count(self, state: str) -> int:
+        return sum(1 for o in self.sources if o.state == state)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "table": self.table,
+            "mode": self.mode,
+            "dry_run": self.dry_run,
+            "rows_read": self.rows_read,
+            "rows_loaded": self.rows_loaded,
+            "rows_rejected": self.rows_rejected,
+            "retries": self.retries,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "exit_code": self.exit_code,
+            "sources": [o.to_dict() for o in self.sources],
+            "unmatched": list(self.empty),
+        }
+
+    def summary(self) -> str:
+        """A line per source, then the totals."""
+        lines = [o.summary() for o in self.sources]
+        states = ", ".join(
+            f"{self.count(state)} {state}"
+            for state in ("loaded", "loaded-with-rejects", "skipped", "failed", "stopped", "not-started")
+            if self.count(state)
+        )
+        total = (
+            f"{_count(len(self.sources), 'source')} into {self.table} in {self.elapsed_s:.1f} s: {states or 'nothing to load'}; "
+            f"{self.rows_loaded:,} of {_count(self.rows_read, 'row')} loaded"
+        )
+        if self.rows_rejected:
+            total += f", {_count(self.rows_rejected, 'row')} rejected"
+        if self.count("stopped") or self.count("not-started"):
+            total += "; run the same command again to load the rest"
+        return "\n".join([*lines, total])

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO, cast
 
-from .errors import LoaderError, TryAgainLater, UsageError
+from .errors import BadSource, LoaderError, SourceFailed, TryAgainLater
 
 if sys.version_info >= (3, 14):
     from compression import zstd
@@ -102,7 +102,7 @@ class Source:
         )
 
     def verify(self, stop: threading.Event | None = None) -> None:
-        """Read a compressed source through once, on its own handle: raises UsageError if any
+        """Read a compressed source through once, on its own handle: raises BadSource if any
         part is corrupt or cut short. Its rows must not commit before this returns. (Runs in a
         thread: the decompressors let go of the GIL. `stop` ends it early when the load ends
         first.)"""
@@ -129,13 +129,13 @@ def open_source(name: str) -> Source:
         try:
             raw = open(name, "rb")  # noqa: SIM115 - closed by Source.close
         except FileNotFoundError:
-            raise UsageError(f"{name}: no such file") from None
+            raise BadSource(f"{name}: no such file") from None
         except IsADirectoryError:
-            raise UsageError(f"{name}: is a directory, not a file") from None
+            raise BadSource(f"{name}: is a directory, not a file") from None
         except PermissionError:
-            raise UsageError(f"{name}: permission denied") from None
+            raise BadSource(f"{name}: permission denied") from None
         except OSError as exc:
-            raise UsageError(f"{name}: cannot open ({exc.strerror})") from None
+            raise BadSource(f"{name}: cannot open ({exc.strerror})") from None
         st = os.fstat(raw.fileno())
         regular = (st.st_mode & 0o170000) == 0o100000
         size = st.st_size if regular else None
@@ -143,7 +143,7 @@ def open_source(name: str) -> Source:
     try:
         codec = _codec(peekable.peek(_MAGIC_BYTES)[:_MAGIC_BYTES])
     except OSError as exc:
-        raise UsageError(f"{name}: cannot read ({exc.strerror})") from None
+        raise BadSource(f"{name}: cannot read ({exc.strerror})") from None
     stream: BinaryIO = codec.open(peekable) if codec is not None else peekable
     if name == "-":
         return Source(name=name, stream=stream, raw=peekable, size=None, codec=codec)
@@ -190,11 +190,11 @@ def _cannot_read(source: Source, exc: BaseException) -> LoaderError:
     if source.compressed and (isinstance(exc, _CORRUPT) or not getattr(exc, "errno", None)):
         return _corrupt(source, exc)
     reason = getattr(exc, "strerror", None) or str(exc)
-    return LoaderError(f"{source.name}: cannot read ({reason})")
+    return SourceFailed(f"{source.name}: cannot read ({reason})")
 
 
-def _corrupt(source: Source, exc: BaseException) -> UsageError:
+def _corrupt(source: Source, exc: BaseException) -> BadSource:
     """No row of a compressed source commits before the whole stream is verified (Source.verify)."""
     reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
     name = source.codec.name if source.codec is not None else "compressed"
-    return UsageError(f"{source.name}: corrupt {name} data ({reason}); no row of it was committed")
+    return BadSource(f"{source.name}: corrupt {name} data ({reason}); no row of it was committed")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from .batching import Batch, Batcher
 from .concurrency import Concurrency
-from .errors import LoaderError, SourceChanged
+from .errors import LoaderError, SourceChanged, SourceFailed
 from .modes import OutOfTurn
 from .plan import Plan
 from .report import RejectNote, Report
@@ -184,7 +184,7 @@ class Stream:
             self.loaded_now[batch.number] = (outcome.rows_loaded, outcome.rows_rejected)
         if self.max_errors is not None and report.rows_rejected > self.max_errors:
             self.stop.request(
-                LoaderError(
+                SourceFailed(
                     f"stopped: {report.rows_rejected} rows rejected, more than --max-errors {self.max_errors}; "
                     f"the {report.rows_loaded:,} rows of committed batches stay loaded"
                 )

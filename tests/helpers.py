@@ -15,10 +15,11 @@ import csv
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -303,3 +304,47 @@ def batches_of(path: Path, rows: int, max_bytes: int = 1 << 20) -> list[Batch]:
         return list(batcher)
     finally:
         source.close()
+
+
+def write_rows(path: Path, header: str, rows: Sequence[Sequence[object]]) -> Path:
+    """A CSV file of simple values (no quoting needed): one record per line, line 2 the first row.
+    None is written as nothing (NULL)."""
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(header + "\n")
+        fh.writelines(",".join("" if v is None else str(v) for v in row) + "\n" for row in rows)
+    return path
+
+
+def loads_in_ledger(db: Db) -> int:
+    """Loads the ledger records; 0 when there is no ledger yet."""
+    if db.value("SELECT to_regclass('loader.loads')") is None:
+        return 0
+    return int(db.value("SELECT count(*) FROM loader.loads"))
+
+
+def one_error_line(run: Run) -> str:
+    """The one line on stderr, `loader: error: ...`, no traceback."""
+    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, run.stderr
+    assert "loader: error: " in lines[0], run.stderr
+    assert "Traceback" not in run.stderr
+    return lines[0]
+
+
+def until_batches(db: Db, proc: subprocess.Popen[bytes], batches: int) -> None:
+    """Poll until the running load has committed `batches` batches; if it ends first, fail
+    with what it said."""
+    until(lambda: proc.poll() is not None or committed_batches(db) >= batches)
+    if proc.poll() is not None and committed_batches(db) < batches:
+        _, err = proc.communicate()
+        pytest.fail(f"the load ended (exit {proc.returncode}) before {batches} batches: {err.decode()[-500:]}")
+
+
+def kill_9(db: Db, proc: subprocess.Popen[bytes]) -> None:
+    """kill -9 the loader while it runs, then let the server end what the dead client left."""
+    assert proc.poll() is None, "the load ended before it could be killed"
+    proc.kill()
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    db.value("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name LIKE 'loader%'")
+    until(lambda: db.value(LOADER_SESSIONS) == 0)

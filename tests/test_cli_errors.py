@@ -42,7 +42,6 @@ def ready(db: Db, tmp_path: Path) -> Db:
 CASES = [
     # (what the user did, extra args, exit code, what the message says)
     ("names a file that does not exist", ["missing.csv", "-t", "t"], 2, "missing.csv: no such file"),
-    ("names a directory", [".", "-t", "t"], 2, "is a directory"),
     ("names a table that does not exist", ["good.csv", "-t", "public.nope"], 2, "table public.nope does not exist"),
     ("writes a table name that is not a name", ["good.csv", "-t", "a.b.c.d"], 2, "--table a.b.c.d"),
     ("names an unknown column", ["good.csv", "-t", "t", "--columns", "id,nme"], 2, "'nme', which is not a column"),

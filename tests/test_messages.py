@@ -265,9 +265,9 @@ def test_a_summary_of_one_row_says_row(db: Db, tmp_path: Path) -> None:
 # --- 8. the usage line -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("command", "argument"), [("import", "SOURCE"), ("retry-rejects", "REJECTS_FILE")])
+@pytest.mark.parametrize(("command", "argument"), [("import", "SOURCE..."), ("retry-rejects", "REJECTS_FILE")])
 def test_the_usage_line_names_the_argument(db: Db, command: str, argument: str) -> None:
-    """`loader import --help` shows `SOURCE` (not `{source}`), and so does the error for a
+    """`loader import --help` shows `SOURCE...` (not `{sources}`), and so does the error for a
     missing one; retry-rejects's is REJECTS_FILE."""
     helped = db.loader(command, "--help")
     assert helped.code == 0, helped.stderr

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -26,18 +24,20 @@ from urllib.parse import urlsplit
 import asyncpg
 import pytest
 
-from helpers import LOADER_SESSIONS, Db, Run, committed_batches, read_rejects, until
+from helpers import (
+    Db,
+    kill_9,
+    loads_in_ledger,
+    one_error_line,
+    read_rejects,
+    until,
+    until_batches,
+    write_rows,
+)
 
 # --- helpers -----------------------------------------------------------------------------------
 
 
-def write_rows(path: Path, header: str, rows: Sequence[Sequence[object]]) -> Path:
-    """A CSV file of simple values (no quoting needed): one record per line, line 2 the first row.
-    None is written as nothing (NULL)."""
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(header + "\n")
-        fh.writelines(",".join("" if v is None else str(v) for v in row) + "\n" for row in rows)
-    return path
 
 
 def table_rows(db: Db, statement: str) -> dict[Any, tuple[Any, ...]]:
@@ -57,11 +57,6 @@ def last_wins(rows: Sequence[Sequence[object]], base: dict[Any, tuple[Any, ...]]
     return expected
 
 
-def loads_in_ledger(db: Db) -> int:
-    """Loads the ledger records; 0 when there is no ledger yet."""
-    if db.value("SELECT to_regclass('loader.loads')") is None:
-        return 0
-    return int(db.value("SELECT count(*) FROM loader.loads"))
 
 
 def ledger_counts(db: Db) -> tuple[int, int, int]:
@@ -87,32 +82,10 @@ def rejects(path: Path) -> list[tuple[int, str, bytes]]:
     return sorted(read_rejects(path)[1])
 
 
-def one_error_line(run: Run) -> str:
-    """The one line on stderr, `loader: error: ...`, no traceback."""
-    lines = [line for line in run.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, run.stderr
-    assert "loader: error: " in lines[0], run.stderr
-    assert "Traceback" not in run.stderr
-    return lines[0]
 
 
-def until_batches(db: Db, proc: subprocess.Popen[bytes], batches: int) -> None:
-    """Poll until the running load has committed `batches` batches; if it ends first, fail
-    with what it said."""
-    until(lambda: proc.poll() is not None or committed_batches(db) >= batches)
-    if proc.poll() is not None and committed_batches(db) < batches:
-        _, err = proc.communicate()
-        pytest.fail(f"the load ended (exit {proc.returncode}) before {batches} batches: {err.decode()[-500:]}")
 
 
-def kill_9(db: Db, proc: subprocess.Popen[bytes]) -> None:
-    """kill -9 the loader while it runs, then let the server end what the dead client left."""
-    assert proc.poll() is None, "the load ended before it could be killed"
-    proc.kill()
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL
-    db.value("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name LIKE 'loader%'")
-    until(lambda: db.value(LOADER_SESSIONS) == 0)
 
 
 def in_one_session(db: Db, *statements: str) -> list[asyncpg.Record]:
