@@ -39,6 +39,8 @@ class Ledger:
         self._load_rejects_sql = sql.render(sql.LOAD_REJECTS, schema=schema)
         self._latest_sql = sql.render(sql.LATEST_LOAD, schema=schema)
         self._resume_sql = sql.render(sql.RESUME_LOAD, schema=schema)
+        self._latest_content_sql = sql.render(sql.LATEST_CONTENT, schema=schema)
+        self._rename_source_sql = sql.render(sql.RENAME_SOURCE, schema=schema)
         self._committed_batches_sql = sql.render(sql.COMMITTED_BATCHES, schema=schema)
         self._recent_sql = sql.render(sql.RECENT_LOADS, schema=schema)
         self.count_rejects_sql = sql.render(sql.COUNT_REJECTS, schema=schema)
@@ -108,9 +110,11 @@ class Ledger:
         source_size: int | None,
         source_mtime: float | None,
         boundaries: dict[str, Any],
+        content_key: str | None = None,
     ) -> None:
         await conn.execute(
-            self._start_sql, load_id, load_key, target, source, source_size, source_mtime, json.dumps(boundaries)
+            self._start_sql, load_id, load_key, target, source, source_size, source_mtime, json.dumps(boundaries),
+            content_key,
         )
 
     async def load(self, conn: asyncpg.Connection, load_id: str) -> asyncpg.Record | None:
@@ -119,6 +123,12 @@ class Ledger:
 
     async def latest(self, conn: asyncpg.Connection, load_key: str) -> asyncpg.Record | None:
         return await conn.fetchrow(self._latest_sql, load_key)
+
+    async def latest_content(self, conn: asyncpg.Connection, content_key: str) -> asyncpg.Record | None:
+        return await conn.fetchrow(self._latest_content_sql, content_key)
+
+    async def rename_source(self, conn: asyncpg.Connection, load_id: str, load_key: str | None, source: str) -> None:
+        await conn.execute(self._rename_source_sql, load_id, load_key, source)
 
     async def resume(self, conn: asyncpg.Connection, load_id: str, size: int | None, mtime: float | None) -> None:
         await conn.execute(self._resume_sql, load_id, size, mtime)

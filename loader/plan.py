@@ -4,8 +4,10 @@ the ledger says and what the run asks; `plan` reads the ledger, decides, and rec
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import logging
 import os
 import uuid
 from dataclasses import dataclass
@@ -15,11 +17,16 @@ from typing import Any
 
 import asyncpg
 
-from .errors import UsageError
+from .batching import Batcher
+from .errors import LoaderError, UsageError
 from .ledger import Ledger
 from .options import LoadOptions
-from .source import Source
+from .source import Source, open_source
 from .target import Target
+
+log = logging.getLogger("loader")
+
+FINGERPRINT_BLOCK = 64 * 1024
 
 
 class Action(Enum):
@@ -127,9 +134,61 @@ def load_key(options: LoadOptions, source: Source, target: Target) -> str | None
         return None
     else:
         identity = "file:" + os.path.realpath(source.name)
-    if options.mode != "append":  # another mode is another load of the same source
-        identity += f"\0{options.mode}\0{','.join(options.key or ())}\0{options.on_conflict}"
-    return hashlib.sha256(f"{identity}\0{target.oid}".encode()).hexdigest()[:32]
+    return hashlib.sha256(f"{identity}{_mode(options)}\0{target.oid}".encode()).hexdigest()[:32]
+
+
+def _mode(options: LoadOptions) -> str:
+    """Another mode is another load of the same source."""
+    if options.mode == "append":
+        return ""
+    return f"\0{options.mode}\0{','.join(options.key or ())}\0{options.on_conflict}"
+
+
+def content_key(options: LoadOptions, source: Source, target: Target) -> str | None:
+    """The file's content as stored (a compressed file's compressed bytes): its size and its
+    first and last FINGERPRINT_BLOCK bytes, with the table and the mode. A file renamed,
+    moved, copied or hard-linked has the same; whether it is the same is then checked batch
+    by batch (see same_batches). None when the load goes by a name (--load-name, stdin, a
+    rejects file being retried)."""
+    if options.load_name is not None or source.is_stdin or options.shown_as is not None:
+        return None
+    try:
+        with open(source.name, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            head = file.read(FINGERPRINT_BLOCK)
+            file.seek(max(size - FINGERPRINT_BLOCK, 0))
+            tail = file.read(FINGERPRINT_BLOCK)
+    except OSError:
+        return None
+    digest = hashlib.sha256(f"{size}\0".encode() + head + b"\0" + tail)
+    digest.update(f"{_mode(options)}\0{target.oid}".encode())
+    return digest.hexdigest()[:32]
+
+
+def same_batches(path: str, options: LoadOptions, committed: dict[int, asyncpg.Record], whole: bool) -> bool:
+    """Whether the file cuts into batches with the checksums of `committed`, the batches a
+    load committed (and into no other batch, when the load was `whole`, i.e. finished).
+    Reads the file through."""
+    try:
+        source = open_source(path)
+    except LoaderError:
+        return False
+    try:
+        batcher = Batcher(source, options.dialect, options.batch_rows, options.batch_bytes, max_record_bytes=options.max_record_bytes)
+        if options.dialect.header:
+            batcher.read_header()
+        count = 0
+        for batch in batcher:
+            count += 1
+            row = committed.get(batch.number)
+            if (row is None and whole) or (row is not None and row["checksum"] != batch.checksum):
+                return False
+            batcher.buffers.give_back(batch)
+        return count >= max(committed, default=0) and (not whole or count == len(committed))
+    except LoaderError:
+        return False
+    finally:
+        source.close()
 
 
 def mtime(source: Source) -> float | None:
@@ -138,9 +197,13 @@ def mtime(source: Source) -> float | None:
 
 async def plan(conn: asyncpg.Connection, ledger: Ledger, options: LoadOptions, source: Source, target: Target) -> Plan:
     """Decide from the ledger, under the table's lock, and record a new or resumed load."""
-    key = load_key(options, source, target)
+    key, content = load_key(options, source, target), content_key(options, source, target)
     size, modified, cut = source.size, mtime(source), boundaries(options)
     row = await ledger.latest(conn, key) if key else None
+    if row is None and content is not None and not options.restart:
+        known = await _known_content(conn, ledger, options, source, key, content)
+        if known is not None:
+            return known
     previous = (
         Previous(
             row["load_id"], row["state"], row["source_size"], row["source_mtime"], row["finished_at"],
@@ -155,7 +218,9 @@ async def plan(conn: asyncpg.Connection, ledger: Ledger, options: LoadOptions, s
     )
     if decision.action is Action.NEW:
         load_id = uuid.uuid4().hex
-        await ledger.start(conn, load_id, key, target.display, source_name(source, options), size, modified, copy_options(options))
+        await ledger.start(
+            conn, load_id, key, target.display, source_name(source, options), size, modified, copy_options(options), content
+        )
         return Plan(load_id, {})
     assert decision.load_id is not None
     if decision.action is Action.NOTHING:
@@ -165,3 +230,34 @@ async def plan(conn: asyncpg.Connection, ledger: Ledger, options: LoadOptions, s
         return Plan(decision.load_id, committed, verify_only=True)
     await ledger.resume(conn, decision.load_id, size, modified)
     return Plan(decision.load_id, committed)
+
+
+async def _known_content(
+    conn: asyncpg.Connection, ledger: Ledger, options: LoadOptions, source: Source, key: str | None, content: str
+) -> Plan | None:
+    """A file no load knows by its path whose content a load has (under another name, see
+    content_key) is that load's: skipped if it finished (unless --force), resumed under its
+    new name if not. None: a new load."""
+    row = await ledger.latest_content(conn, content)
+    if row is None:
+        return None
+    cut = boundaries(options)
+    if {k: json.loads(row["boundaries"]).get(k) for k in cut} != cut:
+        return None  # cut into other batches: their checksums cannot tell
+    finished = row["state"] == "succeeded"
+    if finished and options.force:
+        return None
+    committed = await ledger.committed_batches(conn, row["load_id"])
+    if not await asyncio.to_thread(same_batches, source.name, options, committed, finished):
+        return None
+    if finished:
+        done = f"{row['finished_at']:%Y-%m-%d %H:%M:%S %Z}"
+        return Plan(
+            row["load_id"], {},
+            nothing_to_do=f"the same content was loaded from {row['source']} by load {row['load_id']} (finished {done}); "
+            "--force loads it again",
+        )
+    log.warning("loader: %s is %s under another name: resuming its load %s", options.source, row["source"], row["load_id"])
+    await ledger.rename_source(conn, row["load_id"], key, source_name(source, options))
+    await ledger.resume(conn, row["load_id"], source.size, mtime(source))
+    return Plan(row["load_id"], committed)

@@ -90,14 +90,16 @@ SELECT EXISTS (SELECT FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamesp
                 WHERE n.nspname = $1 AND c.relname = 'rejects')
 """
 
-# Whether the ledger exists whole (its last table, leases, too: ledger.sql adds what a ledger
-# made by an earlier version lacks), and whether the current role holds every privilege named
+# Whether the ledger exists whole (its last table, leases, and column, loads.content_key, too:
+# ledger.sql adds what a ledger made by an earlier version lacks), and whether the current role holds every privilege named
 # in $3 (one per element: has_*_privilege with "SELECT, INSERT" means any of them, not all) on
 # each ledger table named in $2, and USAGE on the schema $1 (names as they are, not quoted).
 # A missing table counts as not granted.
 LEDGER_PRIVILEGES = """
 SELECT current_user AS role,
-       EXISTS (SELECT FROM pg_class c WHERE c.relnamespace = n.oid AND c.relname = 'leases') AS present,
+       EXISTS (SELECT FROM pg_class c WHERE c.relnamespace = n.oid AND c.relname = 'leases')
+       AND EXISTS (SELECT FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid
+                    WHERE c.relnamespace = n.oid AND c.relname = 'loads' AND a.attname = 'content_key') AS present,
        n.oid IS NOT NULL AND has_schema_privilege(n.oid, 'USAGE') AND NOT EXISTS (
            SELECT FROM unnest($2::text[]) AS t(name) CROSS JOIN unnest($3::text[]) AS p(privilege)
             WHERE NOT coalesce((SELECT has_table_privilege(c.oid, p.privilege) FROM pg_class c
@@ -115,8 +117,8 @@ SELECT EXISTS (SELECT FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamesp
 CREATE_SCHEMA = "CREATE SCHEMA IF NOT EXISTS {schema}"
 
 START_LOAD = """
-INSERT INTO {schema}.loads (load_id, load_key, target_table, source, source_size, source_mtime, boundaries)
-VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)
+INSERT INTO {schema}.loads (load_id, load_key, target_table, source, source_size, source_mtime, boundaries, content_key)
+VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8)
 """
 
 # The latest load of a key, to resume, verify, or start anew.
@@ -124,6 +126,15 @@ LATEST_LOAD = """
 SELECT load_id, state, source_size, source_mtime, started_at, finished_at, runs, boundaries::text AS boundaries
   FROM {schema}.loads WHERE load_key = $1 ORDER BY started_at DESC LIMIT 1
 """
+
+# The latest load of the same content into the same table in the same mode, under any name.
+LATEST_CONTENT = """
+SELECT load_id, state, source, source_size, source_mtime, started_at, finished_at, runs, boundaries::text AS boundaries
+  FROM {schema}.loads WHERE content_key = $1 ORDER BY started_at DESC LIMIT 1
+"""
+
+# A load's source under a new name (renamed or moved): its runs from now on go by that name.
+RENAME_SOURCE = "UPDATE {schema}.loads SET load_key = $2, source = $3 WHERE load_id = $1"
 
 RESUME_LOAD = """
 UPDATE {schema}.loads SET state = 'running', runs = runs + 1, finished_at = NULL, message = NULL,

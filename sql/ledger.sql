@@ -23,7 +23,12 @@ CREATE TABLE IF NOT EXISTS {schema}.loads (
     message        text
 );
 
+-- The source's content (its size, first and last blocks) with the table and the mode: a
+-- file renamed, moved, copied or linked is known again by it (see plan.py).
+ALTER TABLE {schema}.loads ADD COLUMN IF NOT EXISTS content_key text;
+
 CREATE INDEX IF NOT EXISTS loads_key ON {schema}.loads (load_key, started_at);
+CREATE INDEX IF NOT EXISTS loads_content ON {schema}.loads (content_key, started_at);
 CREATE INDEX IF NOT EXISTS loads_started ON {schema}.loads (started_at);
 
 CREATE TABLE IF NOT EXISTS {schema}.batches (
