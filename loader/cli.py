@@ -277,16 +277,18 @@ async def _with_signals_and_progress(job: Job, progress: bool, log_interval: flo
         _say.warning(f"loader: {signal.Signals(signum).name}: stopping after the batches in flight (again to exit now)")
         interrupt.set()
 
-    async def show_after(earlier: list[asyncio.Task[None]], report: Report) -> None:
-        await asyncio.gather(*earlier, return_exceptions=True)  # one live line at a time
+    async def show_after(earlier: asyncio.Task[None] | None, report: Report) -> None:
+        if earlier is not None:  # one live line at a time
+            await asyncio.gather(earlier, return_exceptions=True)
         await show_progress(report, log_interval)
 
     def on_start(report: Report) -> None:
         """A load begins (in a file set, each source's in turn): its progress replaces the last."""
         if progress:
-            for task in shown:
-                task.cancel()
-            shown.append(asyncio.create_task(show_after(list(shown), report)))
+            earlier = shown.pop() if shown else None
+            if earlier is not None:
+                earlier.cancel()
+            shown.append(asyncio.create_task(show_after(earlier, report)))
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
@@ -333,6 +335,8 @@ def import_(
         check_seconds("--log-interval", args.log_interval)
         if files.several and args.load_name:
             raise UsageError("--load-name names the load of one source; each source of a file set is a load named by its path")
+        if files.several and args.mode.strip().lower() == "replace":
+            raise UsageError("--mode replace takes one source: with several, each would replace the rows of the one before")
         return _load_options(files.sources[0] if files.sources else sources[0], args)
 
     options = _prepared(args, build)

@@ -105,8 +105,10 @@ class _Load:
         report: Report,
         on_retry: Callable[[BaseException], None],
         verified: asyncio.Future[None] | None,
+        shared: Shared | None = None,
     ) -> None:
         self.options = options
+        self.shared = shared
         self.source = source
         self.header = batcher.header
         self.dialect = batcher.dialect  # with the source's line ending
@@ -129,31 +131,35 @@ class _Load:
         return lines[line - 1] if lines is not None and 0 < line <= len(lines) else line
 
     async def run(self, batches: ReadAhead, header_fields: list[str] | None, interrupt: asyncio.Event | None) -> None:
-        options, report, conn = self.options, self.report, self.session.conn
-        if options.create and not await table_exists(conn, options.table):
+        options, report, conn, shared = self.options, self.report, self.session.conn, self.shared
+        known = shared.target if shared is not None else None  # an earlier load of the set found it
+        if known is None and options.create and not await table_exists(conn, options.table):
             ddl = await self._create(conn, header_fields)
             if options.dry_run:
                 log.warning("loader: --create --dry-run: %s does not exist; it would be created as:\n%s", options.table, ddl)
                 report.note = f"dry run: {options.table} does not exist; nothing was created"
                 return
             log.warning("loader: created %s:\n%s", options.table, ddl)
-        target = await resolve_target(conn, options.table)
+        target = known or await resolve_target(conn, options.table)
         report.table = target.display
         columns = _columns(options, target, header_fields)
-        if not options.dry_run:  # which leaves the ledger as it is, even absent
-            await self.ledger.ensure(conn)
-        await check_copy(conn, target, columns, options.dialect)
-        if options.mode == "upsert":
-            assert options.key is not None
-            self.upsert = await upsert(conn, target, options.key, columns, update=options.on_conflict == "update")
-        if options.max_replica_lag is not None:
-            await require_monitor(conn)
+        if shared is not None and columns in shared.checked:
+            self.upsert = shared.checked[columns]
+        else:
+            await self._check(conn, target, columns)
+            if shared is not None:
+                shared.target, shared.checked[columns] = target, self.upsert
         if options.dry_run:  # one connection, one transaction, rolled back: nothing to hold or record
             workers, planned = 1, Plan(uuid.uuid4().hex, {})
         else:
-            workers = await self._workers()
+            if shared is None or shared.workers is None:
+                workers = await self._workers()
+                if shared is not None:
+                    shared.workers = workers
+            else:
+                workers = shared.workers
             await self.session.lock(target.oid, target.display)
-            planned = await plan(conn, self.ledger, options, self.source, target)
+            planned = await plan(conn, self.ledger, options, self.source, target, self.session.renew)
         report.load_id = planned.load_id
         if planned.nothing_to_do:
             report.note = planned.nothing_to_do
@@ -165,6 +171,20 @@ class _Load:
         except BaseException as exc:
             await self._close_unfinished(planned.load_id, exc)
             raise
+
+    async def _check(self, conn: asyncpg.Connection, target: Target, columns: tuple[str, ...]) -> None:
+        """Before anything is read: the ledger, the table and the columns (a rolled-back COPY),
+        the upsert's key, the right to watch replicas. A file set's loads of the same columns
+        check once."""
+        options = self.options
+        if not options.dry_run:  # which leaves the ledger as it is, even absent
+            await self.ledger.ensure(conn)
+        await check_copy(conn, target, columns, options.dialect)
+        if options.mode == "upsert":
+            assert options.key is not None
+            self.upsert = await upsert(conn, target, options.key, columns, update=options.on_conflict == "update")
+        if options.max_replica_lag is not None:
+            await require_monitor(conn)
 
     async def _create(self, conn: asyncpg.Connection, header_fields: list[str] | None) -> str:
         """--create: the columns the header (or --columns) names, typed from the data."""
@@ -216,9 +236,16 @@ class _Load:
         stop = Stop()
         replicas = self._replica_watch(stop)
         into, writing = await self._writing(planned, target)
-        pool = await open_pool(
-            options, workers, application_name, self.on_retry, lazy=options.auto_workers, pooled=self.session.pooled
-        )
+        shared = self.shared
+        if shared is not None and shared.pool is not None:
+            pool = shared.pool
+        else:
+            pool = await open_pool(
+                options, workers, application_name, self._on_connect_retry, lazy=options.auto_workers,
+                pooled=self.session.pooled,
+            )
+            if shared is not None:
+                shared.pool = pool
         error: LoaderError | None = None
         sink: Sink | None = None
         try:
@@ -247,7 +274,8 @@ class _Load:
         finally:
             if sink is not None:
                 await sink.close()
-            await pool.close()
+            if shared is None:
+                await pool.close()
         report.concurrency = concurrency.summary
         await self._finish(planned, error, stream.loaded_now)
 
@@ -383,6 +411,11 @@ class _Load:
         if self.verified is not None:
             await asyncio.shield(self.verified)
 
+    def _on_connect_retry(self, exc: BaseException) -> None:
+        """A pool connection is retried: told to the load running now (in a file set, the
+        pool outlives the load that opened it)."""
+        (self.shared.on_retry if self.shared is not None else self.on_retry)(exc)
+
     def _on_batch_retry(self, exc: BaseException) -> None:
         """A batch will be retried; "too many connections" also means: take one fewer."""
         self.on_retry(exc)
@@ -443,10 +476,46 @@ def _position(source: Source) -> int:
         return 0
 
 
+class Shared:
+    """What the loads of a file set share, one after another: the load's session (with the
+    table's lease, held from the first load to the end of the set) and the pool."""
+
+    def __init__(self) -> None:
+        self.session: ControlSession | None = None
+        self.pool: asyncpg.Pool | None = None
+        self.workers: int | None = None
+        self.target: Target | None = None
+        self.checked: dict[tuple[str, ...], Upsert | None] = {}  # columns checked, and their upsert
+        self.on_retry: Callable[[BaseException], None] = lambda exc: None  # the running load's
+
+    @contextlib.asynccontextmanager
+    async def session_for(
+        self,
+        options: LoadOptions,
+        on_retry: Callable[[BaseException], None],
+        interrupt: asyncio.Event | None,
+        waiting: Callable[[str], None],
+    ) -> AsyncIterator[ControlSession]:
+        """The set's session, opened by its first load, told about the load running now."""
+        if self.session is None:
+            session = ControlSession(options, on_retry, interrupt, waiting)
+            self.session = await session.__aenter__()
+        self.session.on_retry, self.session.interrupt, self.session.waiting = on_retry, interrupt, waiting
+        self.on_retry = on_retry
+        yield self.session
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
+        if self.session is not None:
+            await self.session.__aexit__(None, None, None)
+
+
 async def load(
     options: LoadOptions,
     interrupt: asyncio.Event | None = None,
     on_start: Callable[[Report], None] | None = None,
+    shared: Shared | None = None,
 ) -> Report:
     """Run one `loader import`; returns the report, raises LoaderError when it cannot finish
     (with the report of what was done attached as `.report`). Setting `interrupt` stops the
@@ -487,9 +556,14 @@ async def load(
         verified = asyncio.ensure_future(asyncio.to_thread(source.verify, stop_verifying)) if source.compressed else None
         try:
             waits.connecting()
-            async with ControlSession(options, on_retry, interrupt, waits.table_held) as session:
+            opened = (
+                ControlSession(options, on_retry, interrupt, waits.table_held)
+                if shared is None
+                else shared.session_for(options, on_retry, interrupt, waits.table_held)
+            )
+            async with opened as session:
                 waits.done()
-                job = _Load(options, source, batcher, session, report, on_retry, verified)
+                job = _Load(options, source, batcher, session, report, on_retry, verified, shared)
                 try:
                     await unless_interrupted(job.run(batches, header_fields, interrupt), interrupt, until=lambda: job.streaming)
                 except Exception as exc:  # batches retry their own; the load's session does not
@@ -530,6 +604,7 @@ async def load_set(
     rejects = _rejects_paths(options, files.sources)
     if options.create:
         options = dataclasses.replace(options, create_from=files.sources)
+    shared = Shared()
     try:
         for number, path in enumerate(files.sources):
             if interrupt is not None and interrupt.is_set():
@@ -537,7 +612,7 @@ async def load_set(
                 _not_started(result, files.sources[number:])
                 break
             try:
-                report = await load(dataclasses.replace(options, source=path, rejects=rejects[path]), interrupt, on_start)
+                report = await load(dataclasses.replace(options, source=path, rejects=rejects[path]), interrupt, on_start, shared)
             except (BadSource, SourceFailed) as exc:  # this source's own trouble
                 message = exc.message if path in exc.message else f"{path}: {exc.message}"
                 log.error("loader: error: %s", message)
@@ -554,6 +629,7 @@ async def load_set(
                 state = "skipped" if report.note else "loaded-with-rejects" if report.rows_rejected else "loaded"
                 result.sources.append(SourceOutcome(path, state, report, None, report.exit_code))
     finally:
+        await shared.close()
         result.elapsed_s = time.monotonic() - started
     return result
 

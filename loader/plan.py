@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
@@ -27,6 +28,7 @@ from .target import Target
 log = logging.getLogger("loader")
 
 FINGERPRINT_BLOCK = 64 * 1024
+RENEW_CHECK_S = 0.5  # while a file is read through: how often to see whether the lease is due
 
 
 class Action(Enum):
@@ -150,15 +152,13 @@ def content_key(options: LoadOptions, source: Source, target: Target) -> str | N
     moved, copied or hard-linked has the same; whether it is the same is then checked batch
     by batch (see same_batches). None when the load goes by a name (--load-name, stdin, a
     rejects file being retried)."""
-    if options.load_name is not None or source.is_stdin or options.shown_as is not None:
+    if options.load_name is not None or source.is_stdin or options.shown_as is not None or source.stat is None:
         return None
-    try:
-        with open(source.name, "rb") as file:
-            size = os.fstat(file.fileno()).st_size
-            head = file.read(FINGERPRINT_BLOCK)
-            file.seek(max(size - FINGERPRINT_BLOCK, 0))
-            tail = file.read(FINGERPRINT_BLOCK)
-    except OSError:
+    size = source.stat[0]  # as opened, which check_unchanged holds it to
+    try:  # from the open file, wherever its reader is
+        head = os.pread(source.raw.fileno(), FINGERPRINT_BLOCK, 0)
+        tail = os.pread(source.raw.fileno(), FINGERPRINT_BLOCK, max(size - FINGERPRINT_BLOCK, 0))
+    except (OSError, ValueError):
         return None
     digest = hashlib.sha256(f"{size}\0".encode() + head + b"\0" + tail)
     digest.update(f"{_mode(options)}\0{target.oid}".encode())
@@ -195,13 +195,22 @@ def mtime(source: Source) -> float | None:
     return None if source.is_stdin else os.stat(source.name).st_mtime
 
 
-async def plan(conn: asyncpg.Connection, ledger: Ledger, options: LoadOptions, source: Source, target: Target) -> Plan:
-    """Decide from the ledger, under the table's lock, and record a new or resumed load."""
-    key, content = load_key(options, source, target), content_key(options, source, target)
+async def plan(
+    conn: asyncpg.Connection,
+    ledger: Ledger,
+    options: LoadOptions,
+    source: Source,
+    target: Target,
+    renew: Callable[[], Awaitable[None]] | None = None,
+) -> Plan:
+    """Decide from the ledger, under the table's lock (`renew` keeps it while a file is read
+    through), and record a new or resumed load."""
+    key = load_key(options, source, target)
     size, modified, cut = source.size, mtime(source), boundaries(options)
     row = await ledger.latest(conn, key) if key else None
+    content = content_key(options, source, target) if row is None or options.restart or options.force else None
     if row is None and content is not None and not options.restart:
-        known = await _known_content(conn, ledger, options, source, key, content)
+        known = await _known_content(conn, ledger, options, source, key, content, renew)
         if known is not None:
             return known
     previous = (
@@ -233,7 +242,13 @@ async def plan(conn: asyncpg.Connection, ledger: Ledger, options: LoadOptions, s
 
 
 async def _known_content(
-    conn: asyncpg.Connection, ledger: Ledger, options: LoadOptions, source: Source, key: str | None, content: str
+    conn: asyncpg.Connection,
+    ledger: Ledger,
+    options: LoadOptions,
+    source: Source,
+    key: str | None,
+    content: str,
+    renew: Callable[[], Awaitable[None]] | None,
 ) -> Plan | None:
     """A file no load knows by its path whose content a load has (under another name, see
     content_key) is that load's: skipped if it finished (unless --force), resumed under its
@@ -248,7 +263,12 @@ async def _known_content(
     if finished and options.force:
         return None
     committed = await ledger.committed_batches(conn, row["load_id"])
-    if not await asyncio.to_thread(same_batches, source.name, options, committed, finished):
+    reading = asyncio.ensure_future(asyncio.to_thread(same_batches, source.name, options, committed, finished))
+    while not reading.done():
+        await asyncio.wait({reading}, timeout=RENEW_CHECK_S)
+        if renew is not None and not reading.done():
+            await renew()
+    if not reading.result():
         return None
     if finished:
         done = f"{row['finished_at']:%Y-%m-%d %H:%M:%S %Z}"

@@ -96,7 +96,10 @@ class ControlSession:
         return self.conn
 
     async def lock(self, table_oid: int, table: str) -> None:
-        """Take the table's lease, waiting up to --wait-lock while another load holds it."""
+        """Take the table's lease, waiting up to --wait-lock while another load holds it. A
+        session that holds it already (the loads of a file set, one after another) keeps it."""
+        if self.lease is not None and self.lease.table_oid == table_oid:
+            return
         lease = Lease(
             table_oid, table, self._holder, f"{socket.gethostname()} pid {os.getpid()}", not self.pooled, self.options.lease
         )
@@ -119,6 +122,12 @@ class ControlSession:
             lease = dataclasses.replace(self.lease, direct=not self.pooled)  # the new session's own
             await take_lease(self._conn, self.ledger, lease, wait=0.0)
             self.lease, self._renewed = lease, time.monotonic()
+
+    async def renew(self) -> None:
+        """Renew the lease now, if it is due (a long step between batches, such as reading a
+        file through before deciding, must not let it expire)."""
+        if self.lease is not None and time.monotonic() - self._renewed >= self.lease.seconds / RENEWALS_PER_LEASE:
+            await self._renew()
 
     async def _renew(self, load_id: str | None = None) -> None:
         assert self.lease is not None

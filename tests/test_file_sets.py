@@ -15,6 +15,7 @@ runs are paced with --max-rate and polled, never slept on.
 
 from __future__ import annotations
 
+import asyncio
 import bz2
 import gzip
 import lzma
@@ -25,9 +26,21 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
-from helpers import Db, Run, kill_9, loads_in_ledger, one_error_line, read_rejects, until_batches, write_rows
+from helpers import (
+    LOADER_SESSIONS,
+    Db,
+    Run,
+    kill_9,
+    loads_in_ledger,
+    one_error_line,
+    read_rejects,
+    until,
+    until_batches,
+    write_rows,
+)
 
 if sys.version_info >= (3, 14):
     from compression import zstd
@@ -518,6 +531,7 @@ REFUSED = [
     ("one rejects file for several sources", ["a.csv", "b.csv", "--rejects", "all.rejects.csv"], ("--rejects",)),
     ("one load name for several sources", ["a.csv", "b.csv", "--load-name", "nightly"], ("--load-name",)),
     ("standard input with files", ["-", "a.csv"], ("standard input", "stdin")),
+    ("a replace from several sources", ["a.csv", "b.csv", "--mode", "replace"], ("--mode replace",)),
 ]
 
 
@@ -559,3 +573,50 @@ def test_create_with_a_file_set_gives_each_column_a_type_every_file_fits(db: Db,
     assert [tuple(r) for r in db.sql("SELECT id, n FROM t ORDER BY id")] == [
         *((i, Decimal(i)) for i in range(1, 51)), (51, Decimal("2.5")), (52, Decimal(3)), (53, Decimal("-0.25")),
     ]
+
+
+# --- one session, one pool ---------------------------------------------------------------------
+
+
+class SessionCount:
+    """Sessions the server has opened in the test's database, read through one session of
+    its own (opened first, so that reading adds none)."""
+
+    def __init__(self, db: Db) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.conn: asyncpg.Connection = self.loop.run_until_complete(asyncpg.connect(db.dsn))
+
+    def __call__(self) -> int:
+        async def read() -> int:
+            await self.conn.execute("SELECT pg_stat_clear_snapshot()")
+            return int(await self.conn.fetchval("SELECT sessions FROM pg_stat_database WHERE datname = current_database()"))
+
+        return self.loop.run_until_complete(read())
+
+    def loader_sessions(self) -> int:
+        return int(self.loop.run_until_complete(self.conn.fetchval(LOADER_SESSIONS)))
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.conn.close())
+        self.loop.close()
+
+
+def test_a_file_set_connects_once_not_once_per_file(db: Db, tmp_path: Path) -> None:
+    """The files of a set load one after another through the same session (holding the
+    table's lease from the first file to the last) and the same pool of --workers
+    connections: 30 files open 3 sessions, not 90."""
+    db.script(TABLE)
+    for n in range(30):
+        export(tmp_path / "parts" / f"{n:02}.csv", range(n * 10 + 1, n * 10 + 11))
+    count = SessionCount(db)
+    try:
+        before = count()
+        run = db.loader("import", "parts", "-t", "t", "--workers", "2")
+        assert run.code == 0, run.stderr
+        until(lambda: count.loader_sessions() == 0)
+        until(lambda: count() - before >= 3, timeout=10)  # the counts of ended sessions may lag a moment
+        opened = count() - before
+    finally:
+        count.close()
+    assert 3 <= opened <= 4, opened  # the load's session and 2 workers (not 3 for each file)
+    assert tuple(db.sql("SELECT count(*), count(DISTINCT id) FROM t")[0]) == (300, 300)
