@@ -326,6 +326,66 @@ class Bench:
         }
 
 
+    def measure_file_set(self, directory: Path, files: int, rows: int, runs: int) -> dict[str, Any]:
+        """Many small files: `files` files of `rows` rows each, loaded by one loader command
+        (a quoted glob) against a shell loop of psql \\copy, one process per file (what
+        people script), round robin, each run into a fresh table, checked against the
+        loop's table of the first round."""
+        paths = [directory / f"part-{n:04}.csv" for n in range(files)]
+        for n, path in enumerate(paths):
+            if not path.exists():
+                write(path, rows, seed=n + 1)
+        script = directory / "copy-loop.sh"
+        script.write_text(
+            f'for f in "$1"/part-*.csv; do "{self.psql()}" -X -q -v ON_ERROR_STOP=1 -d "$2" '
+            '-c "\\copy bench FROM \'$f\' WITH (FORMAT csv, HEADER true)" || exit 1; done\n'
+        )
+        methods = {
+            "psql \\copy, a shell loop": ["bash", str(script), str(directory), self.dsn],
+            "loader (defaults), one command": [
+                sys.executable, "-m", "loader", "import", str(directory / "part-*.csv"), "--table", "bench", "--dsn", self.dsn, "--force",
+            ],
+        }
+        total = files * rows
+        results = {name: Result(name, total) for name in methods}
+        try:
+            for round_ in range(runs):
+                for name, cmd in methods.items():
+                    result = results[name]
+                    if result.note:
+                        continue
+                    self.fresh("bench")
+                    run, code, err = timed(cmd)
+                    if code != 0:
+                        result.note = f"exit {code}: {err.strip()[-300:]}"
+                        continue
+                    result.runs.append(run)
+                    if round_ == 0 and name.startswith("psql"):
+                        self.sql("DROP TABLE IF EXISTS bench_files_twin")
+                        self.sql("ALTER TABLE bench RENAME TO bench_files_twin")
+                        result.verified = self.sql("SELECT count(*) FROM bench_files_twin")[0][0] == total
+                    else:
+                        result.verified = self.same_as_twin("bench", "bench_files_twin", total) and result.verified is not False
+                    print(f"bench: file set round {round_ + 1}: {name}: {run.seconds} s", file=sys.stderr, flush=True)
+        finally:
+            self.sql("DROP TABLE IF EXISTS bench_files_twin")
+        size_mb = sum(path.stat().st_size for path in paths) / 1e6
+        for result in results.values():
+            result.summarize(size_mb)
+        loop, loader = (results[name].seconds for name in methods)
+        speedup = round(loop / loader, 2) if loop and loader else None
+        for result in results.values():  # here the "psql" column is the loop's
+            if result.seconds and loop:
+                result.ratio_to_psql_copy = round(loop / result.seconds, 2)
+        return {
+            "files": files,
+            "rows_per_file": rows,
+            "results": [asdict(r) for r in results.values()],
+            "loader_to_psql_loop": speedup,
+            "targets": {"file set: loader >= 3x a psql \\copy loop": None if speedup is None else speedup >= 3},
+        }
+
+
 def table(results: list[Result]) -> str:
     head = f"{'method':<36} {'rows/s':>10} {'MB/s':>7} {'x psql':>7} {'median s':>9} {'client CPU s':>13} {'CPU s/M rows':>13} {'peak RSS MB':>12}"
     lines = [head, "-" * len(head)]
@@ -368,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-bad-rows", action="store_true", help="skip the 0.1%%-bad-rows comparison")
     parser.add_argument("--no-modes", action="store_true", help="skip the load modes (upsert, replace)")
     parser.add_argument("--modes-only", action="store_true", help="measure only the load modes (upsert, replace): a quick run")
+    parser.add_argument("--files", type=int, default=500, help="files in the many-small-files comparison (default 500; 0: skip it)")
+    parser.add_argument("--file-rows", type=int, default=1000, help="rows in each of those files (default 1,000)")
+    parser.add_argument("--files-only", action="store_true", help="measure only the many-small-files comparison")
     args = parser.parse_args(argv)
     if args.modes_only and args.no_modes:
         parser.error("--modes-only and --no-modes exclude each other")
@@ -396,10 +459,13 @@ def main(argv: list[str] | None = None) -> int:
             "file_mb": round(path.stat().st_size / 1e6, 1),
             "runs": args.runs,
         }
-        if not args.modes_only:
+        only = args.modes_only or args.files_only
+        if args.files_only:
+            args.no_modes = True
+        if not only:
             report["results"] = [asdict(r) for r in bench.measure(path, args.rows, args.runs, workers, args.batch_size)]
             print(table([Result(**{**r, "runs": []}) for r in report["results"]]))
-        if not args.no_bad_rows and not args.modes_only:
+        if not args.no_bad_rows and not only:
             bad_every = 1000
             bad_path = data / f"bench-{args.rows}-bad-scattered.csv"
             if not bad_path.exists():
@@ -415,7 +481,13 @@ def main(argv: list[str] | None = None) -> int:
                 write(other, args.rows, seed=2)
             report["modes"] = bench.measure_modes(path, other, args.rows, args.runs)
             print(modes_table(report["modes"]))
-        if args.large and not args.modes_only:
+        if args.files and not args.modes_only:
+            files_dir = data / f"files-{args.files}x{args.file_rows}"
+            report["file_set"] = bench.measure_file_set(files_dir, args.files, args.file_rows, args.runs)
+            fs = report["file_set"]
+            print(table([Result(**{**r, "runs": []}) for r in fs["results"]]))
+            print(f"file set: loader / psql loop {fs['loader_to_psql_loop']}x")
+        if args.large and not only:
             large = data / f"bench-{args.large}.csv"
             if not large.exists():
                 print(f"bench: generating {large} ({args.large:,} rows)", file=sys.stderr)
@@ -429,7 +501,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         print(f"bench: results written to {args.out}", file=sys.stderr)
-        wrong = [r for r in [*report.get("results", []), *report.get("modes", {}).get("results", [])] if r["verified"] is False]
+        measured = [*report.get("results", []), *report.get("modes", {}).get("results", []), *report.get("file_set", {}).get("results", [])]
+        wrong = [r for r in measured if r["verified"] is False]
         return 1 if wrong else 0
     finally:
         if server is not None:

@@ -39,7 +39,6 @@ class Ledger:
         self._load_rejects_sql = sql.render(sql.LOAD_REJECTS, schema=schema)
         self._latest_sql = sql.render(sql.LATEST_LOAD, schema=schema)
         self._resume_sql = sql.render(sql.RESUME_LOAD, schema=schema)
-        self._latest_content_sql = sql.render(sql.LATEST_CONTENT, schema=schema)
         self._rename_source_sql = sql.render(sql.RENAME_SOURCE, schema=schema)
         self._committed_batches_sql = sql.render(sql.COMMITTED_BATCHES, schema=schema)
         self._recent_sql = sql.render(sql.RECENT_LOADS, schema=schema)
@@ -121,11 +120,9 @@ class Ledger:
         """A load's table and the options it keeps (see plan.copy_options)."""
         return await conn.fetchrow(self._load_options_sql, load_id)
 
-    async def latest(self, conn: asyncpg.Connection, load_key: str) -> asyncpg.Record | None:
-        return await conn.fetchrow(self._latest_sql, load_key)
-
-    async def latest_content(self, conn: asyncpg.Connection, content_key: str) -> asyncpg.Record | None:
-        return await conn.fetchrow(self._latest_content_sql, content_key)
+    async def latest(self, conn: asyncpg.Connection, load_key: str | None, content_key: str | None) -> asyncpg.Record | None:
+        """The latest load of the same path, else of the same content (see sql.LATEST_LOAD)."""
+        return await conn.fetchrow(self._latest_sql, load_key, content_key)
 
     async def rename_source(self, conn: asyncpg.Connection, load_id: str, load_key: str | None, source: str) -> None:
         await conn.execute(self._rename_source_sql, load_id, load_key, source)

@@ -225,6 +225,9 @@ class _Load:
     ) -> None:
         options, report = self.options, self.report
         application_name = f"{options.application_name} {planned.load_id}"[:63]
+        if self.shared is not None:  # a file set's sessions go by its first load
+            self.shared.application_name = self.shared.application_name or application_name
+            application_name = self.shared.application_name
         await self.session.name(application_name, planned.load_id)
         report.workers = workers
         if planned.committed:
@@ -342,7 +345,8 @@ class _Load:
             return
         if isinstance(error, SourceChanged) and planned.verify_only:
             raise error
-        if await conn.fetchval(self.ledger.count_rejects_sql, planned.load_id):
+        # Rows rejected now or by an earlier run: a new load that rejected none has nothing to write.
+        if (report.rows_rejected or planned.committed) and await conn.fetchval(self.ledger.count_rejects_sql, planned.load_id):
             await self._write_rejects(planned.load_id)
         if error is None:
             error = await self._lost_batches(conn, planned.load_id, loaded_now)
@@ -485,6 +489,7 @@ class Shared:
         self.pool: asyncpg.Pool | None = None
         self.workers: int | None = None
         self.target: Target | None = None
+        self.application_name: str | None = None
         self.checked: dict[tuple[str, ...], Upsert | None] = {}  # columns checked, and their upsert
         self.on_retry: Callable[[BaseException], None] = lambda exc: None  # the running load's
 

@@ -207,12 +207,13 @@ async def plan(
     through), and record a new or resumed load."""
     key = load_key(options, source, target)
     size, modified, cut = source.size, mtime(source), boundaries(options)
-    row = await ledger.latest(conn, key) if key else None
-    content = content_key(options, source, target) if row is None or options.restart or options.force else None
-    if row is None and content is not None and not options.restart:
-        known = await _known_content(conn, ledger, options, source, key, content, renew)
+    content = content_key(options, source, target)
+    row = await ledger.latest(conn, key, content) if key or content else None
+    if row is not None and not row["same_path"]:  # no load of this path; one of the same content
+        known = None if options.restart else await _known_content(conn, ledger, options, source, key, row, renew)
         if known is not None:
             return known
+        row = None
     previous = (
         Previous(
             row["load_id"], row["state"], row["source_size"], row["source_mtime"], row["finished_at"],
@@ -247,15 +248,12 @@ async def _known_content(
     options: LoadOptions,
     source: Source,
     key: str | None,
-    content: str,
+    row: asyncpg.Record,
     renew: Callable[[], Awaitable[None]] | None,
 ) -> Plan | None:
-    """A file no load knows by its path whose content a load has (under another name, see
-    content_key) is that load's: skipped if it finished (unless --force), resumed under its
-    new name if not. None: a new load."""
-    row = await ledger.latest_content(conn, content)
-    if row is None:
-        return None
+    """A file no load knows by its path whose content a load (`row`) has, under another name
+    (see content_key), is that load's: skipped if it finished (unless --force), resumed under
+    its new name if not. None: a new load."""
     cut = boundaries(options)
     if {k: json.loads(row["boundaries"]).get(k) for k in cut} != cut:
         return None  # cut into other batches: their checksums cannot tell

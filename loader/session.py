@@ -108,8 +108,9 @@ class ControlSession:
 
     async def name(self, application_name: str, load_id: str) -> None:
         """The load is planned: its sessions and its lease say which load they are."""
-        self.application_name = application_name
-        await self.conn.execute(sql.SET_APPLICATION_NAME, application_name)
+        if application_name != self.application_name:  # a file set's loads share one name
+            self.application_name = application_name
+            await self.conn.execute(sql.SET_APPLICATION_NAME, application_name)
         if self.lease is not None:  # a dry run takes none
             await self._renew(load_id)
 

@@ -121,16 +121,13 @@ INSERT INTO {schema}.loads (load_id, load_key, target_table, source, source_size
 VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8)
 """
 
-# The latest load of a key, to resume, verify, or start anew.
+# The latest load of the same file, to resume, verify, skip or start anew: of the same path
+# ($1, the load key) if any, else of the same content ($2, the content key).
 LATEST_LOAD = """
-SELECT load_id, state, source_size, source_mtime, started_at, finished_at, runs, boundaries::text AS boundaries
-  FROM {schema}.loads WHERE load_key = $1 ORDER BY started_at DESC LIMIT 1
-"""
-
-# The latest load of the same content into the same table in the same mode, under any name.
-LATEST_CONTENT = """
-SELECT load_id, state, source, source_size, source_mtime, started_at, finished_at, runs, boundaries::text AS boundaries
-  FROM {schema}.loads WHERE content_key = $1 ORDER BY started_at DESC LIMIT 1
+SELECT load_id, state, source, source_size, source_mtime, started_at, finished_at, runs, boundaries::text AS boundaries,
+       coalesce(load_key = $1, false) AS same_path
+  FROM {schema}.loads WHERE load_key = $1 OR content_key = $2
+ ORDER BY coalesce(load_key = $1, false) DESC, started_at DESC LIMIT 1
 """
 
 # A load's source under a new name (renamed or moved): its runs from now on go by that name.

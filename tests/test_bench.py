@@ -17,7 +17,7 @@ def test_bench_runs_end_to_end_and_verifies_every_load(db: Db, tmp_path: Path) -
     out = tmp_path / "results.json"
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--rows", "20000", "--runs", "1", "--workers", "1,2", "--dsn", db.dsn,
-         "--data-dir", str(tmp_path / "data"), "--out", str(out)],
+         "--data-dir", str(tmp_path / "data"), "--out", str(out), "--files", "5", "--file-rows", "100"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
@@ -35,3 +35,7 @@ def test_bench_runs_end_to_end_and_verifies_every_load(db: Db, tmp_path: Path) -
     assert methods["psql \\copy"]["ratio_to_psql_copy"] == 1.0
     assert report["bad_rows"]["ratio"] > 0 and report["bad_rows_4_workers"]["ratio"] > 0
     assert "method" in proc.stdout and "loader (defaults)" in proc.stdout
+    file_set = report["file_set"]
+    assert (file_set["files"], file_set["rows_per_file"]) == (5, 100)
+    assert [r["verified"] for r in file_set["results"]] == [True, True], file_set
+    assert file_set["loader_to_psql_loop"] > 0
