@@ -106,9 +106,11 @@ class _Load:
         on_retry: Callable[[BaseException], None],
         verified: asyncio.Future[None] | None,
         shared: Shared | None = None,
+        planned: asyncio.Event | None = None,
     ) -> None:
         self.options = options
         self.shared = shared
+        self.planned = planned  # set once the load is planned (or will not be)
         self.source = source
         self.header = batcher.header
         self.dialect = batcher.dialect  # with the source's line ending
@@ -131,6 +133,31 @@ class _Load:
         return lines[line - 1] if lines is not None and 0 < line <= len(lines) else line
 
     async def run(self, batches: ReadAhead, header_fields: list[str] | None, interrupt: asyncio.Event | None) -> None:
+        try:
+            async with self.session.turn():
+                prepared = await self._prepare(header_fields)
+                if prepared is not None:
+                    try:
+                        await self._name(prepared[0])
+                    except BaseException as exc:
+                        await self._close_unfinished(prepared[0].load_id, exc)
+                        raise
+        finally:
+            if self.planned is not None:  # a file set starts its next file
+                self.planned.set()
+        if prepared is None:
+            return
+        planned, target, columns, workers = prepared
+        try:
+            await self._load(planned, target, columns, workers, batches, interrupt)
+        except BaseException as exc:
+            with contextlib.suppress(TimeoutError):  # the other load of a set may hold the session
+                async with asyncio.timeout(5), self.session.turn():
+                    await self._close_unfinished(planned.load_id, exc)
+            raise
+
+    async def _prepare(self, header_fields: list[str] | None) -> tuple[Plan, Target, tuple[str, ...], int] | None:
+        """Check the table and plan the load in the ledger; None when there is nothing to load."""
         options, report, conn, shared = self.options, self.report, self.session.conn, self.shared
         known = shared.target if shared is not None else None  # an earlier load of the set found it
         if known is None and options.create and not await table_exists(conn, options.table):
@@ -138,7 +165,7 @@ class _Load:
             if options.dry_run:
                 log.warning("loader: --create --dry-run: %s does not exist; it would be created as:\n%s", options.table, ddl)
                 report.note = f"dry run: {options.table} does not exist; nothing was created"
-                return
+                return None
             log.warning("loader: created %s:\n%s", options.table, ddl)
         target = known or await resolve_target(conn, options.table)
         report.table = target.display
@@ -163,14 +190,17 @@ class _Load:
         report.load_id = planned.load_id
         if planned.nothing_to_do:
             report.note = planned.nothing_to_do
-            return
+            return None
         target.note_defaults(columns)
         self.finished = planned.verify_only  # a finished load, only re-read: its state stays as it is
-        try:
-            await self._load(planned, target, columns, workers, batches, interrupt)
-        except BaseException as exc:
-            await self._close_unfinished(planned.load_id, exc)
-            raise
+        return planned, target, columns, workers
+
+    async def _name(self, planned: Plan) -> None:
+        application_name = f"{self.options.application_name} {planned.load_id}"[:63]
+        if self.shared is not None:  # a file set's sessions go by its first load
+            self.shared.application_name = self.shared.application_name or application_name
+            application_name = self.shared.application_name
+        await self.session.name(application_name, planned.load_id)
 
     async def _check(self, conn: asyncpg.Connection, target: Target, columns: tuple[str, ...]) -> None:
         """Before anything is read: the ledger, the table and the columns (a rolled-back COPY),
@@ -224,11 +254,7 @@ class _Load:
         interrupt: asyncio.Event | None,
     ) -> None:
         options, report = self.options, self.report
-        application_name = f"{options.application_name} {planned.load_id}"[:63]
-        if self.shared is not None:  # a file set's sessions go by its first load
-            self.shared.application_name = self.shared.application_name or application_name
-            application_name = self.shared.application_name
-        await self.session.name(application_name, planned.load_id)
+        application_name = self.session.application_name
         report.workers = workers
         if planned.committed:
             log.info("%s: resuming load %s: %d batches were committed by earlier runs", _shown(options), planned.load_id, len(planned.committed))
@@ -238,7 +264,8 @@ class _Load:
         self.concurrency = concurrency = Concurrency(workers, options.auto_workers)
         stop = Stop()
         replicas = self._replica_watch(stop)
-        into, writing = await self._writing(planned, target)
+        async with self.session.turn():
+            into, writing = await self._writing(planned, target)
         shared = self.shared
         if shared is not None and shared.pool is not None:
             pool = shared.pool
@@ -309,7 +336,8 @@ class _Load:
         meter = ReplicaLag()
 
         async def measure() -> float:
-            lag, _ = await meter.measure(await self.session.get())
+            async with self.session.turn():
+                lag, _ = await meter.measure(await self.session.get())
             return lag
 
         def waiting(now: bool) -> None:
@@ -332,6 +360,10 @@ class _Load:
         return watchers
 
     async def _finish(self, planned: Plan, error: LoaderError | None, loaded_now: dict[int, tuple[int, int]]) -> None:
+        async with self.session.turn():
+            await self._end(planned, error, loaded_now)
+
+    async def _end(self, planned: Plan, error: LoaderError | None, loaded_now: dict[int, tuple[int, int]]) -> None:
         """Write the rejects file, check that nothing was lost or miscounted, and record the
         load's final state in the ledger (its commit is the load's one synchronous commit)."""
         report = self.report
@@ -396,7 +428,7 @@ class _Load:
 
     async def _close_unfinished(self, load_id: str, exc: BaseException) -> None:
         """Whatever stopped the run, the ledger must not go on saying `running`: the next run
-        resumes either way, but `status` and the monitoring read this state."""
+        resumes either way, but `status` and the monitoring read this state. In a turn."""
         if self.finished:
             return
         message = exc.message if isinstance(exc, LoaderError) else f"unexpected {type(exc).__name__}: {exc}"
@@ -521,6 +553,7 @@ async def load(
     interrupt: asyncio.Event | None = None,
     on_start: Callable[[Report], None] | None = None,
     shared: Shared | None = None,
+    planned: asyncio.Event | None = None,
 ) -> Report:
     """Run one `loader import`; returns the report, raises LoaderError when it cannot finish
     (with the report of what was done attached as `.report`). Setting `interrupt` stops the
@@ -568,7 +601,7 @@ async def load(
             )
             async with opened as session:
                 waits.done()
-                job = _Load(options, source, batcher, session, report, on_retry, verified, shared)
+                job = _Load(options, source, batcher, session, report, on_retry, verified, shared, planned)
                 try:
                     await unless_interrupted(job.run(batches, header_fields, interrupt), interrupt, until=lambda: job.streaming)
                 except Exception as exc:  # batches retry their own; the load's session does not
@@ -591,17 +624,22 @@ async def load(
     return report
 
 
+LANES = 2  # the files of a set in flight at once: the next one starts while one ends
+
+
 async def load_set(
     options: LoadOptions,
     files: FileSet,
     interrupt: asyncio.Event | None = None,
     on_start: Callable[[Report], None] | None = None,
 ) -> SetReport:
-    """Load each file of a set as a load of its own (exactly once per file), one after
-    another, in the set's order. A source that cannot be loaded (missing, unreadable, corrupt,
-    changed since it was loaded, a header the table lacks) is told by name and the others
-    still load; any other failure (another load holds the table, the deadline, a signal)
-    stops the run there, and the next run of the same command takes up what is left."""
+    """Load each file of a set as a load of its own (exactly once per file), in the set's
+    order, two at a time (see `lanes`), the first alone: it checks (or creates) the table for
+    the others. A source that
+    cannot be loaded (missing, unreadable, corrupt, changed since it was loaded, a header the
+    table lacks) is told by name and the others still load; any other failure (another load
+    holds the table, the deadline, a signal) stops the run: no file starts after it, and the
+    next run of the same command takes up what is left."""
     started = time.monotonic()
     result = SetReport(table=options.table, mode=options.mode, dry_run=options.dry_run, empty=files.empty)
     for pattern in files.empty:
@@ -609,38 +647,61 @@ async def load_set(
     rejects = _rejects_paths(options, files.sources)
     if options.create:
         options = dataclasses.replace(options, create_from=files.sources)
+    # One at a time: an upsert's files merge in order, a dry run holds one transaction, and
+    # --max-rate paces one load.
+    lanes = LANES if options.mode == "append" and not options.dry_run and options.max_rate is None else 1
     shared = Shared()
+    outcomes: dict[int, SourceOutcome] = {}
+    stops: list[LoaderError] = []  # why the run stops (the first one counts)
+
+    async def one(number: int, path: str, planned: asyncio.Event) -> None:
+        try:
+            one_options = dataclasses.replace(options, source=path, rejects=rejects[path])
+            report = await load(one_options, interrupt, on_start, shared, planned)
+        except (BadSource, SourceFailed) as exc:  # this source's own trouble
+            message = exc.message if path in exc.message else f"{path}: {exc.message}"
+            log.error("loader: error: %s", message)
+            outcomes[number] = SourceOutcome(path, "failed", exc.report, message, exc.exit_code)
+        except LoaderError as exc:
+            log.error("loader: error: %s", exc.message)
+            began = exc.report is not None and bool(exc.report.load_id)
+            outcomes[number] = SourceOutcome(path, "stopped" if began else "not-started", exc.report, exc.message, exc.exit_code)
+            stops.append(exc)
+        else:
+            result.table = report.table  # as the server names it
+            state = "skipped" if report.note else "loaded-with-rejects" if report.rows_rejected else "loaded"
+            outcomes[number] = SourceOutcome(path, state, report, None, report.exit_code)
+
+    running: set[asyncio.Task[None]] = set()
     try:
         for number, path in enumerate(files.sources):
-            if interrupt is not None and interrupt.is_set():
-                result.stopped(Interrupted.exit_code)
-                _not_started(result, files.sources[number:])
+            while len(running) >= (lanes if number > 1 else 1):
+                done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()  # a bug in a load is not a file's failure: it ends the run
+            if stops or (interrupt is not None and interrupt.is_set()):
                 break
-            try:
-                report = await load(dataclasses.replace(options, source=path, rejects=rejects[path]), interrupt, on_start, shared)
-            except (BadSource, SourceFailed) as exc:  # this source's own trouble
-                message = exc.message if path in exc.message else f"{path}: {exc.message}"
-                log.error("loader: error: %s", message)
-                result.sources.append(SourceOutcome(path, "failed", exc.report, message, exc.exit_code))
-            except LoaderError as exc:
-                log.error("loader: error: %s", exc.message)
-                began = exc.report is not None and bool(exc.report.load_id)
-                result.sources.append(SourceOutcome(path, "stopped" if began else "not-started", exc.report, exc.message, exc.exit_code))
-                result.stopped(exc.exit_code)
-                _not_started(result, files.sources[number + 1 :])
-                break
-            else:
-                result.table = report.table  # as the server names it
-                state = "skipped" if report.note else "loaded-with-rejects" if report.rows_rejected else "loaded"
-                result.sources.append(SourceOutcome(path, state, report, None, report.exit_code))
+            planned = asyncio.Event()
+            task = asyncio.create_task(one(number, path, planned))
+            running.add(task)
+            # The next file starts once this one is planned (or ended): files plan in order.
+            waiting = asyncio.ensure_future(planned.wait())
+            await asyncio.wait({task, waiting}, return_when=asyncio.FIRST_COMPLETED)
+            waiting.cancel()
+        if running:
+            await asyncio.gather(*running)
     finally:
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
         await shared.close()
         result.elapsed_s = time.monotonic() - started
+    result.sources = [outcomes.get(n) or SourceOutcome(path, "not-started") for n, path in enumerate(files.sources)]
+    if stops:
+        result.stopped(stops[0].exit_code)
+    elif result.count("not-started"):  # a signal between two files
+        result.stopped(Interrupted.exit_code)
     return result
-
-
-def _not_started(result: SetReport, paths: Sequence[str]) -> None:
-    result.sources.extend(SourceOutcome(path, "not-started") for path in paths)
 
 
 def _rejects_paths(options: LoadOptions, sources: Sequence[str]) -> dict[str, str | None]:

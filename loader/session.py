@@ -17,7 +17,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from types import TracebackType
 
 import asyncpg
@@ -57,6 +57,7 @@ class ControlSession:
         self._holder = uuid.uuid4().hex
         self._renewed = 0.0
         self._conn: asyncpg.Connection | None = None
+        self._turn = asyncio.Lock()
 
     async def __aenter__(self) -> ControlSession:
         self._conn = await unless_interrupted(connect(self.options, on_retry=self.on_retry), self.interrupt)
@@ -73,6 +74,14 @@ class ControlSession:
                 async with asyncio.timeout(5):
                     await self.ledger.release_lease(self._conn, self.lease)
         await self._conn.close()
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """One step of a load on this session (planning it, ending it, renewing the lease): the
+        loads of a file set that overlap take turns, since a connection runs one statement at
+        a time. Steps do not nest."""
+        async with self._turn:
+            yield
 
     @property
     def conn(self) -> asyncpg.Connection:
@@ -126,7 +135,7 @@ class ControlSession:
 
     async def renew(self) -> None:
         """Renew the lease now, if it is due (a long step between batches, such as reading a
-        file through before deciding, must not let it expire)."""
+        file through before deciding, must not let it expire). Within a turn."""
         if self.lease is not None and time.monotonic() - self._renewed >= self.lease.seconds / RENEWALS_PER_LEASE:
             await self._renew()
 
@@ -145,13 +154,17 @@ class ControlSession:
         when another load took the table)."""
         while True:
             await asyncio.sleep(SESSION_CHECK_S)
-            if self.conn.is_closed():
-                await self.reconnect()
-            elif self.lease is not None and time.monotonic() - self._renewed >= self.lease.seconds / RENEWALS_PER_LEASE:
-                try:
-                    await self._renew()
-                except Exception as exc:
-                    if not is_transient(exc):
-                        raise
-                    if self.conn.is_closed():
-                        await self.reconnect()  # else tried again at the next check
+            async with self.turn():
+                await self._check()
+
+    async def _check(self) -> None:
+        if self.conn.is_closed():
+            await self.reconnect()
+        elif self.lease is not None and time.monotonic() - self._renewed >= self.lease.seconds / RENEWALS_PER_LEASE:
+            try:
+                await self._renew()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                if self.conn.is_closed():
+                    await self.reconnect()  # else tried again at the next check

@@ -620,3 +620,36 @@ def test_a_file_set_connects_once_not_once_per_file(db: Db, tmp_path: Path) -> N
         count.close()
     assert 3 <= opened <= 4, opened  # the load's session and 2 workers (not 3 for each file)
     assert tuple(db.sql("SELECT count(*), count(DISTINCT id) FROM t")[0]) == (300, 300)
+
+
+def test_the_next_file_loads_while_the_one_before_is_still_loading(db: Db, tmp_path: Path) -> None:
+    """Small files do not wait for each other: while a batch of the first file is held up (a
+    trigger holds it until a row of the second file is in the table), the second file loads
+    and commits. Each file is still a load of its own, exactly once."""
+    db.script(
+        """
+        CREATE TABLE t (id bigint, name text);
+        CREATE TABLE seen (waited boolean);
+        CREATE FUNCTION hold() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.name = 'hold' THEN
+                FOR i IN 1..600 LOOP
+                    EXIT WHEN EXISTS (SELECT FROM t WHERE name = 'next file');
+                    PERFORM pg_sleep(0.05);
+                END LOOP;
+                INSERT INTO seen VALUES (EXISTS (SELECT FROM t WHERE name = 'next file'));
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER hold BEFORE INSERT ON t FOR EACH ROW EXECUTE FUNCTION hold();
+        """
+    )
+    (tmp_path / "parts").mkdir()
+    write_rows(tmp_path / "parts" / "1.csv", "id,name", [(1, "first"), (2, "first"), (3, "first")])
+    write_rows(tmp_path / "parts" / "2.csv", "id,name", [(4, "hold"), (5, "second")])
+    write_rows(tmp_path / "parts" / "3.csv", "id,name", [(6, "next file"), (7, "third")])
+    run = db.loader("import", "parts", "-t", "t", "--workers", "2", "--json")
+    assert run.code == 0, run.stderr
+    assert db.value("SELECT waited FROM seen") is True
+    assert states(file_set(run)) == [("parts/1.csv", "loaded"), ("parts/2.csv", "loaded"), ("parts/3.csv", "loaded")]
+    assert tuple(db.sql("SELECT count(*), count(DISTINCT id) FROM t")[0]) == (7, 7)
