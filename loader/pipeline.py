@@ -160,11 +160,16 @@ class _Load:
         """Check the table and plan the load in the ledger; None when there is nothing to load."""
         options, report, conn, shared = self.options, self.report, self.session.conn, self.shared
         known = shared.target if shared is not None else None  # an earlier load of the set found it
+        if shared is not None and shared.not_created:  # --create --dry-run: told once for the set
+            report.note = shared.not_created
+            return None
         if known is None and options.create and not await table_exists(conn, options.table):
             ddl = await self._create(conn, header_fields)
             if options.dry_run:
                 log.warning("loader: --create --dry-run: %s does not exist; it would be created as:\n%s", options.table, ddl)
                 report.note = f"dry run: {options.table} does not exist; nothing was created"
+                if shared is not None:
+                    shared.not_created = report.note
                 return None
             log.warning("loader: created %s:\n%s", options.table, ddl)
         target = known or await resolve_target(conn, options.table)
@@ -522,6 +527,7 @@ class Shared:
         self.workers: int | None = None
         self.target: Target | None = None
         self.application_name: str | None = None
+        self.not_created: str | None = None  # --create --dry-run: the table is not there to load into
         self.checked: dict[tuple[str, ...], Upsert | None] = {}  # columns checked, and their upsert
         self.on_retry: Callable[[BaseException], None] = lambda exc: None  # the running load's
 

@@ -653,3 +653,17 @@ def test_the_next_file_loads_while_the_one_before_is_still_loading(db: Db, tmp_p
     assert db.value("SELECT waited FROM seen") is True
     assert states(file_set(run)) == [("parts/1.csv", "loaded"), ("parts/2.csv", "loaded"), ("parts/3.csv", "loaded")]
     assert tuple(db.sql("SELECT count(*), count(DISTINCT id) FROM t")[0]) == (7, 7)
+
+
+def test_create_dry_run_with_a_file_set_prints_the_table_once_and_creates_nothing(db: Db, tmp_path: Path) -> None:
+    """--create --dry-run on several files: one CREATE TABLE, typed from all of them, is
+    printed; no table, no ledger, exit 0."""
+    write_rows(tmp_path / "ints.csv", "id,n", [(i, i) for i in range(1, 51)])
+    write_rows(tmp_path / "decimals.csv", "id,n", [(51, "2.5")])
+    run = db.loader("import", "ints.csv", "decimals.csv", "-t", "t", "--create", "--dry-run", "--json")
+    assert run.code == 0, run.stderr
+    assert run.stderr.count("CREATE TABLE") == 1, run.stderr
+    assert "numeric" in run.stderr
+    assert states(file_set(run)) == [("ints.csv", "skipped"), ("decimals.csv", "skipped")]
+    assert db.value("SELECT to_regclass('t')") is None
+    assert loads_in_ledger(db) == 0
