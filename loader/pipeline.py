@@ -106,11 +106,11 @@ class _Load:
         on_retry: Callable[[BaseException], None],
         verified: asyncio.Future[None] | None,
         shared: Shared | None = None,
-        planned: asyncio.Event | None = None,
+        read: asyncio.Event | None = None,
     ) -> None:
         self.options = options
         self.shared = shared
-        self.planned = planned  # set once the load is planned (or will not be)
+        self.read = read  # set once the source is read through (or the load ends): a set's next file starts
         self.source = source
         self.header = batcher.header
         self.dialect = batcher.dialect  # with the source's line ending
@@ -142,19 +142,19 @@ class _Load:
                     except BaseException as exc:
                         await self._close_unfinished(prepared[0].load_id, exc)
                         raise
+            if prepared is None:
+                return
+            planned, target, columns, workers = prepared
+            try:
+                await self._load(planned, target, columns, workers, batches, interrupt)
+            except BaseException as exc:
+                with contextlib.suppress(TimeoutError):  # the other load of a set may hold the session
+                    async with asyncio.timeout(5), self.session.turn():
+                        await self._close_unfinished(planned.load_id, exc)
+                raise
         finally:
-            if self.planned is not None:  # a file set starts its next file
-                self.planned.set()
-        if prepared is None:
-            return
-        planned, target, columns, workers = prepared
-        try:
-            await self._load(planned, target, columns, workers, batches, interrupt)
-        except BaseException as exc:
-            with contextlib.suppress(TimeoutError):  # the other load of a set may hold the session
-                async with asyncio.timeout(5), self.session.turn():
-                    await self._close_unfinished(planned.load_id, exc)
-            raise
+            if self.read is not None:
+                self.read.set()
 
     async def _prepare(self, header_fields: list[str] | None) -> tuple[Plan, Target, tuple[str, ...], int] | None:
         """Check the table and plan the load in the ledger; None when there is nothing to load."""
@@ -298,6 +298,7 @@ class _Load:
                 original_line=self.original_line,
                 replicas=replicas,
                 stop=stop,
+                read=self.read,
             )
             self.streaming = True
             try:
@@ -559,7 +560,7 @@ async def load(
     interrupt: asyncio.Event | None = None,
     on_start: Callable[[Report], None] | None = None,
     shared: Shared | None = None,
-    planned: asyncio.Event | None = None,
+    read: asyncio.Event | None = None,
 ) -> Report:
     """Run one `loader import`; returns the report, raises LoaderError when it cannot finish
     (with the report of what was done attached as `.report`). Setting `interrupt` stops the
@@ -607,7 +608,7 @@ async def load(
             )
             async with opened as session:
                 waits.done()
-                job = _Load(options, source, batcher, session, report, on_retry, verified, shared, planned)
+                job = _Load(options, source, batcher, session, report, on_retry, verified, shared, read)
                 try:
                     await unless_interrupted(job.run(batches, header_fields, interrupt), interrupt, until=lambda: job.streaming)
                 except Exception as exc:  # batches retry their own; the load's session does not
@@ -640,8 +641,9 @@ async def load_set(
     on_start: Callable[[Report], None] | None = None,
 ) -> SetReport:
     """Load each file of a set as a load of its own (exactly once per file), in the set's
-    order, two at a time (see `lanes`), the first alone: it checks (or creates) the table for
-    the others. A source that
+    order: the next file starts once the one before is read through, so that its last
+    batches load while the next one's first do (see `lanes`); the first file alone: it
+    checks (or creates) the table for the others. A source that
     cannot be loaded (missing, unreadable, corrupt, changed since it was loaded, a header the
     table lacks) is told by name and the others still load; any other failure (another load
     holds the table, the deadline, a signal) stops the run: no file starts after it, and the
@@ -660,10 +662,10 @@ async def load_set(
     outcomes: dict[int, SourceOutcome] = {}
     stops: list[LoaderError] = []  # why the run stops (the first one counts)
 
-    async def one(number: int, path: str, planned: asyncio.Event) -> None:
+    async def one(number: int, path: str, read: asyncio.Event) -> None:
         try:
             one_options = dataclasses.replace(options, source=path, rejects=rejects[path])
-            report = await load(one_options, interrupt, on_start, shared, planned)
+            report = await load(one_options, interrupt, on_start, shared, read)
         except (BadSource, SourceFailed) as exc:  # this source's own trouble
             message = exc.message if path in exc.message else f"{path}: {exc.message}"
             log.error("loader: error: %s", message)
@@ -687,11 +689,12 @@ async def load_set(
                     task.result()  # a bug in a load is not a file's failure: it ends the run
             if stops or (interrupt is not None and interrupt.is_set()):
                 break
-            planned = asyncio.Event()
-            task = asyncio.create_task(one(number, path, planned))
+            read = asyncio.Event()
+            task = asyncio.create_task(one(number, path, read))
             running.add(task)
-            # The next file starts once this one is planned (or ended): files plan in order.
-            waiting = asyncio.ensure_future(planned.wait())
+            # The next file starts once this one is read through (or ended): its last batches
+            # load while the next one's first do, one file's buffers at a time, in order.
+            waiting = asyncio.ensure_future(read.wait())
             await asyncio.wait({task, waiting}, return_when=asyncio.FIRST_COMPLETED)
             waiting.cancel()
         if running:

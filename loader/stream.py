@@ -71,6 +71,7 @@ class Stream:
     original_line: Callable[[int], int]  # a line of the source as the user knows it (retry-rejects)
     replicas: ReplicaWatch | None = None
     stop: Stop = field(default_factory=Stop)
+    read: asyncio.Event | None = None  # set once every batch is queued (or the reading stopped)
     loaded_now: dict[int, tuple[int, int]] = field(default_factory=dict)  # committed now: rows loaded, rejected
 
     async def run(self, watchers: list[Watcher]) -> None:
@@ -138,6 +139,8 @@ class Stream:
             cancelled = True  # the workers are cancelled too: nobody waits for end markers
             raise
         finally:
+            if self.read is not None:
+                self.read.set()
             if not cancelled:
                 for _ in range(self.workers):
                     await self._queue.put(None)
