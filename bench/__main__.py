@@ -133,6 +133,17 @@ class Bench:
             self.sql(f"VACUUM ANALYZE {table}")
         self.sql("CHECKPOINT")
 
+    def run_fresh(self, result: Result, cmd: list[str], table: str = "bench", ddl: str = TABLE_DDL, fill: str | None = None) -> str | None:
+        """One run of `cmd` into a fresh `table`, added to `result`; its stderr, or None when
+        it failed (the result then says why, and gets no more runs)."""
+        self.fresh(table, ddl, fill)
+        run, code, err = timed(cmd)
+        if code != 0:
+            result.note = f"exit {code}: {err.strip()[-300:]}"
+            return None
+        result.runs.append(run)
+        return err
+
     def copy_in(self, table: str, path: Path) -> None:
         """Load `path` into `table` with psql \\copy (the twins every load is checked against)."""
         subprocess.run(
@@ -190,17 +201,11 @@ class Bench:
         for round_ in range(runs):
             for name, cmd in commands.items():
                 result = results[name]
-                if cmd is None or result.note:
+                if cmd is None or result.note or self.run_fresh(result, cmd) is None:
                     continue
-                self.fresh("bench")
-                run, code, err = timed(cmd)
-                if code != 0:
-                    result.note = f"exit {code}: {err.strip()[-300:]}"
-                    continue
-                result.runs.append(run)
                 if round_ == runs - 1:
                     result.verified = self.same_as_twin("bench", "bench_twin", rows)
-                print(f"bench: round {round_ + 1}: {name}: {run.seconds} s", file=sys.stderr, flush=True)
+                print(f"bench: round {round_ + 1}: {name}: {result.runs[-1].seconds} s", file=sys.stderr, flush=True)
         for result in results.values():
             result.summarize(size_mb)
         psql = results["psql \\copy"]
@@ -278,19 +283,14 @@ class Bench:
             for round_ in range(runs):  # round robin, as in measure()
                 for name, (base, cmd) in methods.items():
                     result = results[name]
-                    if result.note:
+                    err = None if result.note else self.run_fresh(result, cmd, table, PK_TABLE_DDL, base)
+                    if err is None:
                         continue
-                    self.fresh(table, PK_TABLE_DDL, base)
-                    run, code, err = timed(cmd)
-                    if code != 0:
-                        result.note = f"exit {code}: {err.strip()[-300:]}"
-                        continue
-                    result.runs.append(run)
                     if err.strip() and "loader" in name:
                         summaries[name] = err.strip().splitlines()[-1]
                     # Every run, not only the last: a merge that goes wrong once is wrong.
                     result.verified = self.same_as_twin(table, twin, rows) and result.verified is not False
-                    print(f"bench: modes round {round_ + 1}: {name}: {run.seconds} s", file=sys.stderr, flush=True)
+                    print(f"bench: modes round {round_ + 1}: {name}: {result.runs[-1].seconds} s", file=sys.stderr, flush=True)
         finally:
             shutil.rmtree(script_dir, ignore_errors=True)
             for name in (table, twin, old):
@@ -352,21 +352,15 @@ class Bench:
             for round_ in range(runs):
                 for name, cmd in methods.items():
                     result = results[name]
-                    if result.note:
+                    if result.note or self.run_fresh(result, cmd) is None:
                         continue
-                    self.fresh("bench")
-                    run, code, err = timed(cmd)
-                    if code != 0:
-                        result.note = f"exit {code}: {err.strip()[-300:]}"
-                        continue
-                    result.runs.append(run)
                     if round_ == 0 and name.startswith("psql"):
                         self.sql("DROP TABLE IF EXISTS bench_files_twin")
                         self.sql("ALTER TABLE bench RENAME TO bench_files_twin")
                         result.verified = self.sql("SELECT count(*) FROM bench_files_twin")[0][0] == total
                     else:
                         result.verified = self.same_as_twin("bench", "bench_files_twin", total) and result.verified is not False
-                    print(f"bench: file set round {round_ + 1}: {name}: {run.seconds} s", file=sys.stderr, flush=True)
+                    print(f"bench: file set round {round_ + 1}: {name}: {result.runs[-1].seconds} s", file=sys.stderr, flush=True)
         finally:
             self.sql("DROP TABLE IF EXISTS bench_files_twin")
         size_mb = sum(path.stat().st_size for path in paths) / 1e6
