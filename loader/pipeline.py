@@ -519,8 +519,9 @@ def _position(source: Source) -> int:
 
 
 class Shared:
-    """What the loads of a file set share, one after another: the load's session (with the
-    table's lease, held from the first load to the end of the set) and the pool."""
+    """What the loads of a file set share: the load's session (with the table's lease, held
+    from the first load to the end of the set; loads in flight together take turns on it),
+    the pool, and what the first load found out about the table."""
 
     def __init__(self) -> None:
         self.session: ControlSession | None = None
@@ -641,13 +642,14 @@ async def load_set(
     on_start: Callable[[Report], None] | None = None,
 ) -> SetReport:
     """Load each file of a set as a load of its own (exactly once per file), in the set's
-    order: the next file starts once the one before is read through, so that its last
-    batches load while the next one's first do (see `lanes`); the first file alone: it
-    checks (or creates) the table for the others. A source that
-    cannot be loaded (missing, unreadable, corrupt, changed since it was loaded, a header the
-    table lacks) is told by name and the others still load; any other failure (another load
-    holds the table, the deadline, a signal) stops the run: no file starts after it, and the
-    next run of the same command takes up what is left."""
+    order. The first file loads alone: it checks (or creates) the table for the others. Then
+    each next file starts once the one before is read through, so that its first batches
+    load while the last ones of the file before finish (see `lanes`).
+
+    A source that cannot be loaded (missing, unreadable, corrupt, changed since it was
+    loaded, a header the table lacks) is told by name and the others still load; any other
+    failure (another load holds the table, the deadline, a signal) stops the run: no file
+    starts after it, and the next run of the same command takes up what is left."""
     started = time.monotonic()
     result = SetReport(table=options.table, mode=options.mode, dry_run=options.dry_run, empty=files.empty)
     for pattern in files.empty:
