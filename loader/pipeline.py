@@ -289,7 +289,7 @@ class _Load:
             retry = dataclasses.replace(options.retry, attempts=1) if options.dry_run else options.retry
             sink = Sink(
                 pool, into, columns, self.dialect, self.ledger, planned.load_id, retry, self._on_batch_retry, pace,
-                before_commit=self._before_commit, writing=writing,
+                before_commit=self._before_commit, writing=writing, before_retry=self._hold_table,
             )
             stream = Stream(
                 batches, sink, planned, report, concurrency, workers, options.max_errors,
@@ -452,6 +452,13 @@ class _Load:
             self.report.bytes_loaded = max(self.report.bytes_loaded, batch.offset + len(batch.data))
         if self.verified is not None:
             await asyncio.shield(self.verified)
+
+    async def _hold_table(self) -> None:
+        """Before a batch is tried again (its connection may have died with the server): the
+        load's own session still holds the table's lease, or takes it back first (TryAgainLater
+        if another load took it meanwhile). No batch loads for a load that lost its table."""
+        async with self.session.turn():
+            await self.session.get()
 
     def _on_connect_retry(self, exc: BaseException) -> None:
         """A pool connection is retried: told to the load running now (in a file set, the

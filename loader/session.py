@@ -93,7 +93,7 @@ class ControlSession:
         """The connection, reconnected (and the lease taken back) if the server ended it. A
         FATAL read while the connection was idle (a server restart) leaves it looking open,
         and its next call fails on the client: a trivial query tells, and the failure closes
-        it. (Callers are sequential: the replica watcher while batches load, the end after.)"""
+        it. Callers take turns (see turn)."""
         if not self.conn.is_closed():
             try:
                 await self.conn.execute("SELECT 1")

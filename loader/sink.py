@@ -135,8 +135,10 @@ class Sink:
         pace: Pace | None = None,
         before_commit: BeforeCommit = _nothing_before_commit,
         writing: Writing = Writing(),
+        before_retry: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._pool = pool
+        self._before_retry = before_retry  # may the load go on after a failed attempt (its table still its own)?
         self.target = target
         self.columns = columns
         self._ledger = ledger
@@ -260,6 +262,8 @@ class Sink:
             async for attempt in retrying(self._retry, self._on_retry):
                 with attempt:
                     retries = attempt.retry_state.attempt_number - 1
+                    if retries and self._before_retry is not None:
+                        await self._before_retry()
                     fast = not self._error_rate.doomed(batch.rows) and not holds_end_marker(batch.data, self._newline)
                     if refusal is None and fast:
                         try:
