@@ -81,7 +81,7 @@ CREATE VIEW oracle_rows AS SELECT id, n, d, ts, b, t FROM oracle;
 """
 
 PROPERTY = settings(
-    max_examples=20,
+    max_examples=14,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
 )
