@@ -32,7 +32,7 @@ from typer.exceptions import TyperException
 
 from . import metrics, pipeline
 from .errors import EXIT_FATAL, EXIT_USAGE, LoaderError, UsageError
-from .fileset import expand
+from .fileset import FileSet, expand
 from .options import (
     DEFAULT_BATCH_BYTES,
     DEFAULT_BATCH_ROWS,
@@ -329,10 +329,12 @@ def import_(
     """Load CSV files into a PostgreSQL table, each exactly once: a re-run resumes an
     unfinished load, and does nothing for a finished one."""
     _setup_logging(args.verbose)
-    files = expand(sources)
+    expanded: list[FileSet] = []  # what build() found, for the run
 
     def build() -> LoadOptions:
         check_seconds("--log-interval", args.log_interval)
+        files = expand(sources)
+        expanded.append(files)
         if files.several and args.load_name:
             raise UsageError("--load-name names the load of one source; each source of a file set is a load named by its path")
         if files.several and args.mode.strip().lower() == "replace":
@@ -340,6 +342,7 @@ def import_(
         return _load_options(files.sources[0] if files.sources else sources[0], args)
 
     options = _prepared(args, build)
+    files = expanded[0]
     if files.several:
         _run(lambda interrupt, on_start: pipeline.load_set(options, files, interrupt, on_start), args, progress=True)
     else:

@@ -667,3 +667,12 @@ def test_create_dry_run_with_a_file_set_prints_the_table_once_and_creates_nothin
     assert states(file_set(run)) == [("ints.csv", "skipped"), ("decimals.csv", "skipped")]
     assert db.value("SELECT to_regclass('t')") is None
     assert loads_in_ledger(db) == 0
+
+
+def test_a_file_set_refused_before_loading_is_still_recorded_in_the_metrics_file(db: Db, tmp_path: Path) -> None:
+    """A mistake in naming the sources is an outcome like any other: the metrics file says
+    the run exited 2, so the alert on the nightly load fires."""
+    export(tmp_path / "a.csv", range(1, 11))
+    run = db.loader("import", "-", "a.csv", "-t", "t", "--metrics-file", "loader.prom")
+    assert run.code == 2, run.stderr
+    assert 'loader_last_run_exit_code{table="t",mode="append"} 2\n' in (tmp_path / "loader.prom").read_text()
