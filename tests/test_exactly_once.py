@@ -266,6 +266,35 @@ def test_a_server_restart_mid_load_loses_and_doubles_nothing(
     assert_exact(db, csv, rows)
 
 
+def test_batches_a_crash_took_back_after_their_commit_are_found_before_the_load_is_marked_done(
+    db: Db, tmp_path: Path, gates: Gates
+) -> None:
+    """Batches commit asynchronously, so a crash can take back the last ones: their rows and
+    their ledger rows together. Before the load's final, synchronous commit, the loader checks
+    that every batch it committed is still in the ledger; one that is not makes the run exit
+    75, the load is not marked done, and the next run loads that batch again: every row once.
+    (The crash is played by deleting a committed batch's rows and ledger row mid-load.)"""
+    rows, batch = 10_000, 1000
+    db.script(paced_events(primary_key=True, every=batch))
+    csv = write_csv(tmp_path / "events.csv", event_rows(rows), EVENTS_HEADER)
+    command = ("import", str(csv), "-t", "events", "--batch-size", str(batch), "--workers", "1")
+    proc = db.spawn(*command)
+    until(lambda: committed_batches(db) >= 3)
+    gates.close(BATCH_GATE)
+    until(lambda: db.value(AT_A_GATE) == 1)
+    db.script(
+        "DELETE FROM events WHERE id BETWEEN 1001 AND 2000; DELETE FROM loader.batches WHERE batch_no = 2"
+    )
+    gates.open_all()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 75, err.decode()
+    assert "lost 1 committed batches (1,000 rows)" in err.decode()
+    assert db.value("SELECT state FROM loader.loads") != "succeeded"
+    again = db.loader(*command)
+    assert again.code == 0, again.stderr
+    assert_exact(db, csv, rows)
+
+
 # --- 3. a re-run after success ---------------------------------------------------------------
 
 
