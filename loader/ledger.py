@@ -34,6 +34,7 @@ class Ledger:
         self._committed_sql = sql.render(sql.COMMITTED_BATCH, schema=schema)
         self._start_sql = sql.render(sql.START_LOAD, schema=schema)
         self._finish_sql = sql.render(sql.FINISH_LOAD, schema=schema)
+        self._finish_whole_sql = sql.render(sql.FINISH_WHOLE_LOAD, schema=schema)
         self._set_counts_sql = sql.render(sql.SET_BATCH_COUNTS, schema=schema)
         self._insert_reject_sql = sql.render(sql.INSERT_REJECT, schema=schema)
         self._load_rejects_sql = sql.render(sql.LOAD_REJECTS, schema=schema)
@@ -192,6 +193,11 @@ class Ledger:
         message: str | None,
     ) -> None:
         await conn.execute(self._finish_sql, load_id, state, message)
+
+    async def finish_whole(self, conn: asyncpg.Connection, load_id: str, committed_now: list[int]) -> bool:
+        """Mark the load succeeded if every batch committed now is in the ledger (see
+        sql.FINISH_WHOLE_LOAD); False, and nothing written, if one is not."""
+        return await conn.fetchval(self._finish_whole_sql, load_id, committed_now) is not None
 
 
 @dataclass(frozen=True)

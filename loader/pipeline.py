@@ -386,13 +386,16 @@ class _Load:
         # Rows rejected now or by an earlier run: a new load that rejected none has nothing to write.
         if (report.rows_rejected or planned.committed) and await conn.fetchval(self.ledger.count_rejects_sql, planned.load_id):
             await self._write_rejects(planned.load_id)
-        if error is None:
-            error = await self._lost_batches(conn, planned.load_id, loaded_now)
         if error is None and report.rows_read != report.rows_loaded + report.rows_rejected + report.rows_skipped:
             error = LoaderError(
                 f"accounting mismatch: read {report.rows_read} rows, loaded {report.rows_loaded}, "
                 f"rejected {report.rows_rejected}, skipped {report.rows_skipped} (a bug: please report it)"
             )
+        if error is None and self.stage is None and await self.ledger.finish_whole(conn, planned.load_id, sorted(loaded_now)):
+            self.finished = True  # the usual end: one statement checks the batches and marks it done
+            return
+        if error is None:
+            error = await self._lost_batches(conn, planned.load_id, loaded_now)
         if error is None and self.stage is not None and self.target is not None:
             await self._switch(conn, planned, self.target, self.stage)
             return

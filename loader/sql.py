@@ -279,6 +279,20 @@ UPDATE {schema}.loads l
  WHERE l.load_id = $1
 """
 
+# A load done: marked succeeded with its totals, in one statement, but only if every batch
+# this run committed ($2) is still in the ledger; no row back: one was lost (a crash took
+# back an asynchronous commit), and the caller finds out which.
+FINISH_WHOLE_LOAD = """
+UPDATE {schema}.loads l
+   SET state = 'succeeded', finished_at = now(), message = NULL,
+       rows_loaded = b.loaded, rows_rejected = b.rejected, rows_read = b.loaded + b.rejected
+  FROM (SELECT coalesce(sum(rows_loaded), 0) AS loaded, coalesce(sum(rows_rejected), 0) AS rejected,
+               count(*) FILTER (WHERE batch_no = ANY($2::int[])) AS present
+          FROM {schema}.batches WHERE load_id = $1) b
+ WHERE l.load_id = $1 AND b.present = cardinality($2::int[])
+RETURNING l.load_id
+"""
+
 # --- the server's pressure ---------------------------------------------------------------
 
 # Connection slots: max_connections less the reserved ones, and the backends in use.
