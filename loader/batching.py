@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .errors import BadSource, SourceFailed
-from .options import CsvDialect
+from .options import CsvDialect, LoadOptions
 from .records import RecordSyntax
 from .source import Source, read_block, read_into
 
@@ -135,6 +135,12 @@ class Batcher:
         self._tail_scanned = False  # whether the tail, as it is, was scanned for record ends
         self.buffers = BufferPool()  # give each batch back once its bytes are no longer read
         self.header: bytes | None = None
+
+    @classmethod
+    def of_load(cls, source: Source, options: LoadOptions) -> Batcher:
+        """The batches of a load: cut where the load's options say (see plan.boundaries), the
+        same for every run that reads the source, so that their checksums compare."""
+        return cls(source, options.dialect, options.batch_rows, options.batch_bytes, max_record_bytes=options.max_record_bytes)
 
     def start(self) -> None:
         """Read the first bytes, dropping a UTF-8 byte order mark (its bytes still count in

@@ -136,12 +136,6 @@ class _Load:
         try:
             async with self.session.turn():
                 prepared = await self._prepare(header_fields)
-                if prepared is not None:
-                    try:
-                        await self._name(prepared[0])
-                    except BaseException as exc:
-                        await self._close_unfinished(prepared[0].load_id, exc)
-                        raise
             if prepared is None:
                 return
             planned, target, columns, workers = prepared
@@ -184,12 +178,7 @@ class _Load:
         if options.dry_run:  # one connection, one transaction, rolled back: nothing to hold or record
             workers, planned = 1, Plan(uuid.uuid4().hex, {})
         else:
-            if shared is None or shared.workers is None:
-                workers = await self._workers()
-                if shared is not None:
-                    shared.workers = workers
-            else:
-                workers = shared.workers
+            workers = await self._workers()
             await self.session.lock(target.oid, target.display)
             planned = await plan(conn, self.ledger, options, self.source, target, self.session.renew)
         report.load_id = planned.load_id
@@ -232,7 +221,15 @@ class _Load:
         return await create_table(conn, options.table, list(zip(names, types, strict=True)), options.dry_run)
 
     async def _workers(self) -> int:
-        """--workers, lowered to what the server can spare (see pressure.ConnectionBudget)."""
+        """--workers, lowered to what the server can spare (see pressure.ConnectionBudget);
+        asked once for a file set, whose loads share the pool."""
+        if self.shared is not None:
+            if self.shared.workers is None:
+                self.shared.workers = await self._spare_workers()
+            return self.shared.workers
+        return await self._spare_workers()
+
+    async def _spare_workers(self) -> int:
         wanted = self.options.workers
         if self.session.pooled:
             log.warning(
@@ -259,7 +256,6 @@ class _Load:
         interrupt: asyncio.Event | None,
     ) -> None:
         options, report = self.options, self.report
-        application_name = self.session.application_name
         report.workers = workers
         if planned.committed:
             log.info("%s: resuming load %s: %d batches were committed by earlier runs", _shown(options), planned.load_id, len(planned.committed))
@@ -270,13 +266,14 @@ class _Load:
         stop = Stop()
         replicas = self._replica_watch(stop)
         async with self.session.turn():
+            await self._name(planned)
             into, writing = await self._writing(planned, target)
         shared = self.shared
         if shared is not None and shared.pool is not None:
             pool = shared.pool
         else:
             pool = await open_pool(
-                options, workers, application_name, self._on_connect_retry, lazy=options.auto_workers,
+                options, workers, self.session.application_name, self._on_connect_retry, lazy=options.auto_workers,
                 pooled=self.session.pooled,
             )
             if shared is not None:
@@ -581,9 +578,7 @@ async def load(
     check_writable(_rejects_path(options), "--rejects")  # found now, not after the load
     source = open_source(options.source)
     try:
-        batcher = Batcher(
-            source, options.dialect, options.batch_rows, options.batch_bytes, max_record_bytes=options.max_record_bytes
-        )
+        batcher = Batcher.of_load(source, options)
         header_fields = None
         if options.dialect.header:
             record = await asyncio.to_thread(batcher.read_header)

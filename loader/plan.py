@@ -174,7 +174,7 @@ def same_batches(path: str, options: LoadOptions, committed: dict[int, asyncpg.R
     except LoaderError:
         return False
     try:
-        batcher = Batcher(source, options.dialect, options.batch_rows, options.batch_bytes, max_record_bytes=options.max_record_bytes)
+        batcher = Batcher.of_load(source, options)
         if options.dialect.header:
             batcher.read_header()
         count = 0
