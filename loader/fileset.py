@@ -33,11 +33,12 @@ def expand(arguments: Sequence[str]) -> FileSet:
     sources: list[str] = []
     seen: set[str] = set()
     empty: list[str] = []
+    expanded = False  # a glob or a directory among the arguments
     for argument in arguments:
         if _is_pattern(argument):
-            found = _matching(argument)
+            found, expanded = _matching(argument), True
         elif os.path.isdir(argument):
-            found = _under(argument)
+            found, expanded = _under(argument), True
         else:
             found = [argument]  # a path, even a missing one: reported by name when it is loaded
         if not found:
@@ -47,8 +48,7 @@ def expand(arguments: Sequence[str]) -> FileSet:
             if key not in seen:
                 seen.add(key)
                 sources.append(path)
-    several = len(arguments) > 1 or any(_is_pattern(a) or os.path.isdir(a) for a in arguments)
-    return FileSet(tuple(sources), tuple(empty), several)
+    return FileSet(tuple(sources), tuple(empty), several=len(arguments) > 1 or expanded)
 
 
 def _is_pattern(argument: str) -> bool:

@@ -136,8 +136,11 @@ class ControlSession:
     async def renew(self) -> None:
         """Renew the lease now, if it is due (a long step between batches, such as reading a
         file through before deciding, must not let it expire). Within a turn."""
-        if self.lease is not None and time.monotonic() - self._renewed >= self.lease.seconds / RENEWALS_PER_LEASE:
+        if self._renewal_due():
             await self._renew()
+
+    def _renewal_due(self) -> bool:
+        return self.lease is not None and time.monotonic() - self._renewed >= self.lease.seconds / RENEWALS_PER_LEASE
 
     async def _renew(self, load_id: str | None = None) -> None:
         assert self.lease is not None
@@ -160,7 +163,7 @@ class ControlSession:
     async def _check(self) -> None:
         if self.conn.is_closed():
             await self.reconnect()
-        elif self.lease is not None and time.monotonic() - self._renewed >= self.lease.seconds / RENEWALS_PER_LEASE:
+        elif self._renewal_due():
             try:
                 await self._renew()
             except Exception as exc:
