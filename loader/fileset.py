@@ -22,6 +22,7 @@ _GLOB_CHARACTERS = frozenset("*?[")
 
 @dataclass(frozen=True)
 class FileSet:
+    arguments: tuple[str, ...]  # as given
     sources: tuple[str, ...]  # the files, in load order
     empty: tuple[str, ...]  # the globs and directories that matched no file
     several: bool  # more than one argument, or a glob or directory: each source is reported
@@ -48,7 +49,7 @@ def expand(arguments: Sequence[str]) -> FileSet:
             if key not in seen:
                 seen.add(key)
                 sources.append(path)
-    return FileSet(tuple(sources), tuple(empty), several=len(arguments) > 1 or expanded)
+    return FileSet(tuple(arguments), tuple(sources), tuple(empty), several=len(arguments) > 1 or expanded)
 
 
 def _is_pattern(argument: str) -> bool:

@@ -20,9 +20,13 @@ from . import sql
 from .errors import TryAgainLater, UsageError, is_transient, server_message
 from .rejects import Reject
 
-# What a load needs on the ledger (besides USAGE on its schema), and what `status` needs.
-LOAD_PRIVILEGES = (("loads", "batches", "rejects", "leases"), ("SELECT", "INSERT", "UPDATE"))
-STATUS_PRIVILEGES = (("loads", "batches", "leases"), ("SELECT",))
+# What a load needs on the ledger's tables (besides USAGE on its schema), and what `status` needs.
+Grants = tuple[tuple[tuple[str, ...], tuple[str, ...]], ...]  # (tables, privileges on each of them), ...
+LOAD_PRIVILEGES: Grants = (
+    (("loads", "batches", "rejects", "leases", "claims"), ("SELECT", "INSERT", "UPDATE")),
+    (("leases",), ("DELETE",)),
+)
+STATUS_PRIVILEGES: Grants = ((("loads", "batches", "leases"), ("SELECT",)),)
 
 
 class Ledger:
@@ -50,6 +54,7 @@ class Ledger:
         self._renew_lease_sql = sql.render(sql.RENEW_LEASE, schema=schema)
         self._release_lease_sql = sql.render(sql.RELEASE_LEASE, schema=schema)
         self._lease_holder_sql = sql.render(sql.LEASE_HOLDER, schema=schema)
+        self._claim_sql = sql.render(sql.CLAIM_SOURCE, schema=schema)
 
     async def ensure(self, conn: asyncpg.Connection) -> None:
         """Create the ledger if it is missing (serialised, so concurrent first loads do not race),
@@ -84,15 +89,18 @@ class Ledger:
         self._require(await self._access(conn, write), write)
 
     async def _access(self, conn: asyncpg.Connection, write: bool) -> asyncpg.Record:
-        tables, privileges = LOAD_PRIVILEGES if write else STATUS_PRIVILEGES
-        return await conn.fetchrow(sql.LEDGER_PRIVILEGES, self.schema, list(tables), list(privileges))
+        pairs = [(t, p) for tables, privileges in (LOAD_PRIVILEGES if write else STATUS_PRIVILEGES) for t in tables for p in privileges]
+        return await conn.fetchrow(sql.LEDGER_PRIVILEGES, self.schema, [t for t, _ in pairs], [p for _, p in pairs])
 
     def _require(self, access: asyncpg.Record, write: bool) -> None:
         if access["granted"]:
             return
-        tables, privileges = LOAD_PRIVILEGES if write else STATUS_PRIVILEGES
         role, schema = access["role"], self.schema
-        needs = f"USAGE on the schema and {', '.join(privileges)} on its tables {', '.join(tables)}"
+        grants = ", and ".join(
+            f"{', '.join(privileges)} on {'its tables' if len(tables) > 1 else 'its table'} {', '.join(tables)}"
+            for tables, privileges in (LOAD_PRIVILEGES if write else STATUS_PRIVILEGES)
+        )
+        needs = f"USAGE on the schema and {grants}"
         command = f"psql -v role={shlex.quote(role)} -v schema={shlex.quote(schema)} -f sql/grants.sql"
         raise UsageError(
             f"role {sql.quote_ident(role)} lacks privileges on the load ledger (schema {sql.quote_ident(schema)}): "
@@ -110,11 +118,12 @@ class Ledger:
         source_size: int | None,
         source_mtime: float | None,
         boundaries: dict[str, Any],
-        content_key: str | None = None,
+        content_key: str | None,
+        holder: str,
     ) -> None:
         await conn.execute(
             self._start_sql, load_id, load_key, target, source, source_size, source_mtime, json.dumps(boundaries),
-            content_key,
+            content_key, holder,
         )
 
     async def load(self, conn: asyncpg.Connection, load_id: str) -> asyncpg.Record | None:
@@ -128,8 +137,8 @@ class Ledger:
     async def rename_source(self, conn: asyncpg.Connection, load_id: str, load_key: str | None, source: str) -> None:
         await conn.execute(self._rename_source_sql, load_id, load_key, source)
 
-    async def resume(self, conn: asyncpg.Connection, load_id: str, size: int | None, mtime: float | None) -> None:
-        await conn.execute(self._resume_sql, load_id, size, mtime)
+    async def resume(self, conn: asyncpg.Connection, load_id: str, size: int | None, mtime: float | None, holder: str) -> None:
+        await conn.execute(self._resume_sql, load_id, size, mtime, holder)
 
     async def update_source(self, conn: asyncpg.Connection, load_id: str, size: int | None, mtime: float | None) -> None:
         """The source was verified unchanged: remember its size and mtime for the next quick check."""
@@ -168,10 +177,13 @@ class Ledger:
             yield Reject(row["line"], row["sqlstate"], row["message"], bytes(row["record"]))
 
     async def take_lease(self, conn: asyncpg.Connection, lease: Lease) -> bool:
-        """Take the table's lease if it is free or already this run's; False: another load's."""
-        taken = await conn.fetchval(
-            self._take_lease_sql, lease.table_oid, lease.table, lease.holder, lease.client, lease.direct, lease.seconds
-        )
+        """Take the table's lease if no other command holds it; False: another's does."""
+        async with conn.transaction():
+            await conn.execute(sql.LEASE_LOCK, lease.table_oid)
+            taken = await conn.fetchval(
+                self._take_lease_sql, lease.table_oid, lease.table, lease.holder, lease.client, lease.direct,
+                lease.seconds, lease.command,
+            )
         return taken is not None
 
     async def renew_lease(self, conn: asyncpg.Connection, lease: Lease, load_id: str | None = None) -> bool:
@@ -182,8 +194,15 @@ class Ledger:
     async def release_lease(self, conn: asyncpg.Connection, lease: Lease) -> None:
         await conn.execute(self._release_lease_sql, lease.table_oid, lease.holder)
 
-    async def lease_holder(self, conn: asyncpg.Connection, table_oid: int) -> asyncpg.Record | None:
-        return await conn.fetchrow(self._lease_holder_sql, table_oid)
+    async def lease_holder(self, conn: asyncpg.Connection, lease: Lease) -> asyncpg.Record | None:
+        """The run that keeps `lease` from being taken."""
+        return await conn.fetchrow(self._lease_holder_sql, lease.table_oid, lease.holder, lease.command)
+
+    async def claim(self, conn: asyncpg.Connection, load_key: str, holder: str) -> str | None:
+        """Take a source of a shared file set for this run; None: taken, else the run that is
+        loading it (its host and process, or "" if it has just changed hands)."""
+        row = await conn.fetchrow(self._claim_sql, load_key, holder)
+        return None if row["claimed"] else str(row["client"] or "")
 
     async def finish(
         self,
@@ -204,7 +223,8 @@ class Ledger:
 class Lease:
     """A run's claim on its target table: one load per table at a time (see sql.TAKE_LEASE).
     `direct`: the run's session is its own server session (no pooler), so its end frees the
-    table at once; else only the expiry, `seconds` after the last renewal, does."""
+    table at once; else only the expiry, `seconds` after the last renewal, does. `command`:
+    runs of the same command share the table (see plan.command_key); None: no other run."""
 
     table_oid: int
     table: str
@@ -212,6 +232,7 @@ class Lease:
     client: str
     direct: bool
     seconds: float
+    command: str | None = None
 
 
 async def take_lease(
@@ -226,7 +247,7 @@ async def take_lease(
             waiting(lease.table)
             said = True
         if time.monotonic() >= deadline:
-            holder = await ledger.lease_holder(conn, lease.table_oid)
+            holder = await ledger.lease_holder(conn, lease)
             who = ""
             if holder is not None:
                 load = f"load {holder['load_id']}, " if holder["load_id"] else ""

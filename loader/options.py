@@ -312,6 +312,9 @@ class LoadOptions(ConnectOptions):
     create: bool = False  # create a missing table, with types inferred from the data
     infer_rows: int | None = None  # --create reads this many records to infer types; None: all
     create_from: tuple[str, ...] = ()  # --create: the files whose data the types must fit; (): the source
+    # Runs of the same file set command (this key, see plan.command_key) share the table and
+    # split the set, each source claimed by one run; None: the run holds the table alone.
+    command: str | None = None
     auto_workers: bool = False  # adapt the batches in flight between 1 and `workers`
     deadline: float | None = None  # Unix time after which no batch starts (exit 75, resumable)
     max_rate: Rate | None = None

@@ -44,7 +44,7 @@ from .infer import infer_types, records_of
 from .ledger import Ledger
 from .modes import Upsert, replace_stage_name, replace_stage_statements, stage_for_replace, switch_to_stage, upsert
 from .options import ConnectOptions, CsvDialect, LoadOptions, check_writable
-from .plan import Plan, mtime, plan
+from .plan import Plan, command_key, mtime, plan
 from .pressure import ReplicaLag, connection_budget, require_monitor
 from .progress import Waits
 from .rejects import REJECTS_SUFFIX, Reject
@@ -158,14 +158,17 @@ class _Load:
             report.note = shared.not_created
             return None
         if known is None and options.create and not await table_exists(conn, options.table):
-            ddl = await self._create(conn, header_fields)
+            ddl, created = await self._create(conn, header_fields)
             if options.dry_run:
                 log.warning("loader: --create --dry-run: %s does not exist; it would be created as:\n%s", options.table, ddl)
                 report.note = f"dry run: {options.table} does not exist; nothing was created"
                 if shared is not None:
                     shared.not_created = report.note
                 return None
-            log.warning("loader: created %s:\n%s", options.table, ddl)
+            if created:
+                log.warning("loader: created %s:\n%s", options.table, ddl)
+            else:
+                log.warning("loader: %s was created meanwhile by another run: loading into it", options.table)
         target = known or await resolve_target(conn, options.table)
         report.table = target.display
         columns = _columns(options, target, header_fields)
@@ -180,10 +183,11 @@ class _Load:
         else:
             workers = await self._workers()
             await self.session.lock(target.oid, target.display)
-            planned = await plan(conn, self.ledger, options, self.source, target, self.session.renew)
+            planned = await plan(conn, self.ledger, options, self.source, target, self.session.holder, self.session.renew)
         report.load_id = planned.load_id
-        if planned.nothing_to_do:
-            report.note = planned.nothing_to_do
+        if planned.nothing_to_do or planned.elsewhere:
+            report.note = planned.nothing_to_do or planned.elsewhere
+            report.elsewhere = planned.elsewhere is not None
             return None
         target.note_defaults(columns)
         self.finished = planned.verify_only  # a finished load, only re-read: its state stays as it is
@@ -210,8 +214,9 @@ class _Load:
         if options.max_replica_lag is not None:
             await require_monitor(conn)
 
-    async def _create(self, conn: asyncpg.Connection, header_fields: list[str] | None) -> str:
-        """--create: the columns the header (or --columns) names, typed from the data."""
+    async def _create(self, conn: asyncpg.Connection, header_fields: list[str] | None) -> tuple[str, bool]:
+        """--create: the columns the header (or --columns) names, typed from the data (see
+        create_table)."""
         options = self.options
         names = list(options.columns or header_fields or [])
         if not names:
@@ -662,6 +667,8 @@ async def load_set(
     rejects = _rejects_paths(options, files.sources)
     if options.create:
         options = dataclasses.replace(options, create_from=files.sources)
+    if options.mode == "append" and not (options.dry_run or options.force or options.restart):
+        options = dataclasses.replace(options, command=command_key(options, files.arguments))
     # One at a time: an upsert's files merge in order, a dry run holds one transaction, and
     # --max-rate paces one load.
     lanes = LANES if options.mode == "append" and not options.dry_run and options.max_rate is None else 1
@@ -684,7 +691,10 @@ async def load_set(
             stops.append(exc)
         else:
             result.table = report.table  # as the server names it
-            state = "skipped" if report.note else "loaded-with-rejects" if report.rows_rejected else "loaded"
+            state = (
+                "other-run" if report.elsewhere and report.load_id == "" else "skipped" if report.note
+                else "loaded-with-rejects" if report.rows_rejected else "loaded"
+            )
             outcomes[number] = SourceOutcome(path, state, report, None, report.exit_code)
 
     running: set[asyncio.Task[None]] = set()
@@ -706,6 +716,16 @@ async def load_set(
             waiting.cancel()
         if running:
             await asyncio.gather(*running)
+        # Sources another load had at the time, once more: a run of the same command that died
+        # left its source to whoever comes next, and a load of the same content has ended.
+        for number, path in enumerate(files.sources):
+            if stops or (interrupt is not None and interrupt.is_set()):
+                break
+            earlier = outcomes.get(number)
+            if earlier is not None and earlier.report is not None and earlier.report.elsewhere:
+                await one(number, path, asyncio.Event())
+                if earlier.state == "other-run" and outcomes[number].state in ("other-run", "skipped"):
+                    outcomes[number] = earlier  # it was (or is being) loaded by that run
     finally:
         for task in running:
             task.cancel()

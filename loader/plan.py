@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
@@ -99,6 +99,8 @@ class Plan:
     committed: dict[int, asyncpg.Record]  # batches earlier runs committed: skip them after checking
     verify_only: bool = False  # the load succeeded before: only check that the source is unchanged
     nothing_to_do: str | None = None  # why this run has no work
+    # Another run sharing the file set is loading the source (or its content) now: who, and how.
+    elsewhere: str | None = None
 
 
 def boundaries(options: LoadOptions) -> dict[str, Any]:
@@ -113,6 +115,17 @@ def boundaries(options: LoadOptions) -> dict[str, Any]:
         "batch_rows": options.batch_rows,
         "batch_bytes": options.batch_bytes,
     }
+
+
+def command_key(options: LoadOptions, arguments: Sequence[str]) -> str:
+    """What makes runs the same command, which may share a table and split its file set:
+    the same sources as given (made absolute: each host may start in another directory),
+    table, options and ledger."""
+    same = {
+        "sources": [os.path.abspath(a) for a in arguments], "table": options.table, "create": options.create,
+        "ledger": options.ledger_schema, **copy_options(options),
+    }
+    return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def copy_options(options: LoadOptions) -> dict[str, Any]:
@@ -201,16 +214,24 @@ async def plan(
     options: LoadOptions,
     source: Source,
     target: Target,
+    holder: str,
     renew: Callable[[], Awaitable[None]] | None = None,
 ) -> Plan:
-    """Decide from the ledger, under the table's lock (`renew` keeps it while a file is read
-    through), and record a new or resumed load."""
+    """Decide from the ledger, under the table's lease (`renew` keeps it while a file is read
+    through), and record a new or resumed load as this run's (`holder`). A run that shares
+    its file set first claims the source (see Ledger.claim)."""
     key = load_key(options, source, target)
+    if options.command is not None and key is not None:
+        other = await ledger.claim(conn, key, holder)
+        if other is not None:
+            return Plan("", {}, elsewhere="loaded by another run of this command" + (f" ({other})" if other else ""))
     size, modified, cut = source.size, mtime(source), boundaries(options)
     content = content_key(options, source, target)
     row = await ledger.latest(conn, key, content) if key or content else None
     if row is not None and not row["same_path"]:  # no load of this path; one of the same content
-        known = None if options.restart else await _known_content(conn, ledger, options, source, key, row, renew)
+        if row["live"]:  # told again once it has ended (see pipeline.load_set)
+            return Plan(row["load_id"], {}, elsewhere=f"the same content is being loaded from {row['source']} by load {row['load_id']}")
+        known = None if options.restart else await _known_content(conn, ledger, options, source, key, row, holder, renew)
         if known is not None:
             return known
         row = None
@@ -229,7 +250,8 @@ async def plan(
     if decision.action is Action.NEW:
         load_id = uuid.uuid4().hex
         await ledger.start(
-            conn, load_id, key, target.display, source_name(source, options), size, modified, copy_options(options), content
+            conn, load_id, key, target.display, source_name(source, options), size, modified, copy_options(options), content,
+            holder,
         )
         return Plan(load_id, {})
     assert decision.load_id is not None
@@ -238,7 +260,7 @@ async def plan(
     committed = await ledger.committed_batches(conn, decision.load_id)
     if decision.action is Action.VERIFY:
         return Plan(decision.load_id, committed, verify_only=True)
-    await ledger.resume(conn, decision.load_id, size, modified)
+    await ledger.resume(conn, decision.load_id, size, modified, holder)
     return Plan(decision.load_id, committed)
 
 
@@ -249,6 +271,7 @@ async def _known_content(
     source: Source,
     key: str | None,
     row: asyncpg.Record,
+    holder: str,
     renew: Callable[[], Awaitable[None]] | None,
 ) -> Plan | None:
     """A file no load knows by its path whose content a load (`row`) has, under another name
@@ -277,5 +300,5 @@ async def _known_content(
         )
     log.warning("loader: %s is %s under another name: resuming its load %s", options.source, row["source"], row["load_id"])
     await ledger.rename_source(conn, row["load_id"], key, source_name(source, options))
-    await ledger.resume(conn, row["load_id"], source.size, mtime(source))
+    await ledger.resume(conn, row["load_id"], source.size, mtime(source), holder)
     return Plan(row["load_id"], committed)

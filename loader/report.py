@@ -41,6 +41,7 @@ class Report:
     rejects_file: str | None = None
     rejects: list[RejectNote] = field(default_factory=list)
     note: str | None = None  # why this run had nothing to do
+    elsewhere: bool = False  # ... another load was loading the source (or its content) at the time
     concurrency: dict[str, int] | None = None  # --workers auto: min, max and final batches in flight
     # The run stopped before the end of the source (a signal, the deadline, --max-errors, a
     # failure): what it committed stays, and the same command run again resumes the load.
@@ -123,7 +124,7 @@ class Report:
     def summary(self) -> str:
         """One line for cron's mail, then the first few rejects."""
         if self.note:
-            return f"{self.source} into {self.table}: nothing to do: {self.note}"
+            return f"{self.source} into {self.table}: {'' if self.elsewhere else 'nothing to do: '}{self.note}"
         loaded = f"loaded {self.rows_loaded:,} of {_count(self.rows_read, 'row')}"
         if self.stopped_early:  # not "loaded 650,000 of 650,000 rows", which reads as complete
             source = "standard input" if self.source == "-" else self.source
@@ -168,7 +169,7 @@ class SourceOutcome:
     """What became of one source of a file set."""
 
     source: str
-    state: str  # loaded, loaded-with-rejects, skipped, failed, stopped, not-started (see SetReport)
+    state: str  # loaded, loaded-with-rejects, skipped, other-run, failed, stopped, not-started (see SetReport)
     report: Report | None = None  # None: its load never began
     error: str | None = None
     exit_code: int = EXIT_OK
@@ -202,7 +203,7 @@ class SetReport:
     """A file set's run: each source a load of its own, told one by one, then the totals.
 
     States: loaded; loaded-with-rejects; skipped (an earlier run loaded it: nothing to do);
-    failed (it could not be loaded: the error says why; the others still were); stopped (the
+    other-run (another run of the same command is loading it, or loaded it); failed (it could not be loaded: the error says why; the others still were); stopped (the
     run stopped in it: the next run resumes it); not-started (the run stopped before it)."""
 
     table: str
@@ -265,9 +266,11 @@ class SetReport:
         lines = [o.summary() for o in self.sources]
         states = ", ".join(
             f"{self.count(state)} {state}"
-            for state in ("loaded", "loaded-with-rejects", "skipped", "failed", "stopped", "not-started")
+            for state in ("loaded", "loaded-with-rejects", "skipped", "other-run", "failed", "stopped", "not-started")
             if self.count(state)
         )
+        if self.count("other-run") and not (self.count("loaded") or self.count("loaded-with-rejects")):
+            states += " (nothing left to claim: other runs of this command have the rest)"
         total = (
             f"{_count(len(self.sources), 'source')} into {self.table} in {self.elapsed_s:.1f} s: {states or 'nothing to load'}; "
             f"{self.rows_loaded:,} of {_count(self.rows_read, 'row')} loaded"

@@ -54,7 +54,7 @@ class ControlSession:
         self.pooled = False  # a connection pooler stands between us and the server
         self.ledger = Ledger(options.ledger_schema)
         self.lease: Lease | None = None  # once the table is ours
-        self._holder = uuid.uuid4().hex
+        self.holder = uuid.uuid4().hex  # this run, in the ledger's leases and claims
         self._renewed = 0.0
         self._conn: asyncpg.Connection | None = None
         self._turn = asyncio.Lock()
@@ -105,13 +105,12 @@ class ControlSession:
         return self.conn
 
     async def lock(self, table_oid: int, table: str) -> None:
-        """Take the table's lease, waiting up to --wait-lock while another load holds it. A
+        """Take the table's lease, waiting up to --wait-lock while another command holds it. A
         session that holds it already (the loads of a file set, one after another) keeps it."""
         if self.lease is not None and self.lease.table_oid == table_oid:
             return
-        lease = Lease(
-            table_oid, table, self._holder, f"{socket.gethostname()} pid {os.getpid()}", not self.pooled, self.options.lease
-        )
+        client = f"{socket.gethostname()} pid {os.getpid()}"
+        lease = Lease(table_oid, table, self.holder, client, not self.pooled, self.options.lease, self.options.command)
         await take_lease(self.conn, self.ledger, lease, self.options.wait_lock, self.waiting)
         self.lease, self._renewed = lease, time.monotonic()
 

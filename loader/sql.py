@@ -90,19 +90,19 @@ SELECT EXISTS (SELECT FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamesp
                 WHERE n.nspname = $1 AND c.relname = 'rejects')
 """
 
-# Whether the ledger exists whole (its last table, leases, and column, loads.content_key, too:
-# ledger.sql adds what a ledger made by an earlier version lacks), and whether the current role holds every privilege named
-# in $3 (one per element: has_*_privilege with "SELECT, INSERT" means any of them, not all) on
-# each ledger table named in $2, and USAGE on the schema $1 (names as they are, not quoted).
-# A missing table counts as not granted.
+# Whether the ledger exists whole (its last table, claims, and column, loads.holder, too:
+# ledger.sql adds what a ledger made by an earlier version lacks), and whether the current
+# role holds each privilege of $3 on the ledger table of $2 at the same place (one privilege
+# per element: has_*_privilege with "SELECT, INSERT" means any of them, not all), and USAGE
+# on the schema $1 (names as they are, not quoted). A missing table counts as not granted.
 LEDGER_PRIVILEGES = """
 SELECT current_user AS role,
-       EXISTS (SELECT FROM pg_class c WHERE c.relnamespace = n.oid AND c.relname = 'leases')
+       EXISTS (SELECT FROM pg_class c WHERE c.relnamespace = n.oid AND c.relname = 'claims')
        AND EXISTS (SELECT FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid
-                    WHERE c.relnamespace = n.oid AND c.relname = 'loads' AND a.attname = 'content_key') AS present,
+                    WHERE c.relnamespace = n.oid AND c.relname = 'loads' AND a.attname = 'holder') AS present,
        n.oid IS NOT NULL AND has_schema_privilege(n.oid, 'USAGE') AND NOT EXISTS (
-           SELECT FROM unnest($2::text[]) AS t(name) CROSS JOIN unnest($3::text[]) AS p(privilege)
-            WHERE NOT coalesce((SELECT has_table_privilege(c.oid, p.privilege) FROM pg_class c
+           SELECT FROM unnest($2::text[], $3::text[]) AS t(name, privilege)
+            WHERE NOT coalesce((SELECT has_table_privilege(c.oid, t.privilege) FROM pg_class c
                                  WHERE c.relnamespace = n.oid AND c.relname = t.name), false)
        ) AS granted
   FROM (SELECT) AS one LEFT JOIN pg_namespace n ON n.nspname = $1::text
@@ -116,17 +116,35 @@ SELECT EXISTS (SELECT FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamesp
 
 CREATE_SCHEMA = "CREATE SCHEMA IF NOT EXISTS {schema}"
 
+# One command per table at a time: a lease row per run in the ledger (see ledger.sql), which
+# works through a connection pooler as well as directly. A lease is live until it expires and,
+# when it names the session that took it (a direct connection), only while that session
+# exists: a crashed run's direct session ends at once, so the next run need not wait for the
+# expiry. (pg_stat_activity hides backend_start of other roles' sessions: then the pid alone
+# counts.)
+LEASE_LIVE = """(
+    {alias}.expires_at > clock_timestamp() AND (
+        {alias}.backend_pid IS NULL OR EXISTS (
+            SELECT FROM pg_stat_activity a
+             WHERE a.pid = {alias}.backend_pid
+               AND (a.backend_start IS NULL OR a.backend_start = {alias}.backend_start))))"""
+
 START_LOAD = """
-INSERT INTO {schema}.loads (load_id, load_key, target_table, source, source_size, source_mtime, boundaries, content_key)
-VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8)
+INSERT INTO {schema}.loads
+       (load_id, load_key, target_table, source, source_size, source_mtime, boundaries, content_key, holder)
+VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9)
 """
 
 # The latest load of the same file, to resume, verify, skip or start anew: of the same path
-# ($1, the load key) if any, else of the same content ($2, the content key).
+# ($1, the load key) if any, else of the same content ($2, the content key). `live`: a run
+# (this one, or another sharing the table) is loading it now.
 LATEST_LOAD = """
 SELECT load_id, state, source, source_size, source_mtime, started_at, finished_at, runs, boundaries::text AS boundaries,
-       coalesce(load_key = $1, false) AS same_path
-  FROM {schema}.loads WHERE load_key = $1 OR content_key = $2
+       coalesce(load_key = $1, false) AS same_path,
+       state = 'running' AND EXISTS (
+           SELECT FROM {schema}.leases l WHERE l.holder = d.holder AND """ + LEASE_LIVE.format(alias="l") + """
+       ) AS live
+  FROM {schema}.loads d WHERE load_key = $1 OR content_key = $2
  ORDER BY coalesce(load_key = $1, false) DESC, started_at DESC LIMIT 1
 """
 
@@ -135,7 +153,7 @@ RENAME_SOURCE = "UPDATE {schema}.loads SET load_key = $2, source = $3 WHERE load
 
 RESUME_LOAD = """
 UPDATE {schema}.loads SET state = 'running', runs = runs + 1, finished_at = NULL, message = NULL,
-       source_size = $2, source_mtime = $3
+       source_size = $2, source_mtime = $3, holder = $4
  WHERE load_id = $1
 """
 
@@ -149,38 +167,36 @@ COMMITTED_BATCHES = """
 SELECT batch_no, checksum, rows_loaded, rows_rejected FROM {schema}.batches WHERE load_id = $1
 """
 
-# One loader per table at a time: a lease row in the ledger (see ledger.sql), which works
-# through a connection pooler as well as directly. A lease is live until it expires and, when
-# it names the session that took it (a direct connection), only while that session exists:
-# a crashed load's direct session ends at once, so the next run need not wait for the expiry.
-# (pg_stat_activity hides backend_start of other roles' sessions: then the pid alone counts.)
-LEASE_LIVE = """(
-    {alias}.expires_at > clock_timestamp() AND (
-        {alias}.backend_pid IS NULL OR EXISTS (
-            SELECT FROM pg_stat_activity a
-             WHERE a.pid = {alias}.backend_pid
-               AND (a.backend_start IS NULL OR a.backend_start = {alias}.backend_start))))"""
+# Runs taking a table's lease go one at a time ($1 the table's oid), so that two runs of
+# different commands never both find the table free. In the lease's transaction, before TAKE_LEASE.
+LEASE_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('loader lease ' || $1::oid::text, 0))"
 
-# $1 table oid, $2 table name, $3 holder, $4 client, $5 own session (direct), $6 lease seconds.
-# Taken when free (no row, expired, its session gone) or already ours; no row back: taken.
+# $1 table oid, $2 table name, $3 holder, $4 client, $5 own session (direct), $6 lease seconds,
+# $7 command key (NULL: shares with no other run). Taken (a row back) unless another live
+# lease on the table is of another command, or of a command that shares with none; the
+# table's dead leases go.
 TAKE_LEASE = """
+WITH dead AS (
+    DELETE FROM {schema}.leases l WHERE l.table_oid = $1 AND l.holder <> $3 AND NOT """ + LEASE_LIVE.format(alias="l") + """
+)
 INSERT INTO {schema}.leases AS l
-       (table_oid, target_table, holder, client, backend_pid, backend_start, taken_at, expires_at)
-SELECT $1::oid, $2::text, $3::text, $4::text,
+       (table_oid, target_table, holder, command_key, client, backend_pid, backend_start, taken_at, expires_at)
+SELECT $1::oid, $2::text, $3::text, $7::text, $4::text,
        CASE WHEN $5::bool THEN pg_backend_pid() END,
        CASE WHEN $5::bool THEN (SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()) END,
        clock_timestamp(), clock_timestamp() + $6::float8 * interval '1 second'
-ON CONFLICT (table_oid) DO UPDATE
-   SET target_table = EXCLUDED.target_table, holder = EXCLUDED.holder, client = EXCLUDED.client,
-       load_id = CASE WHEN l.holder = EXCLUDED.holder THEN l.load_id END,
-       backend_pid = EXCLUDED.backend_pid, backend_start = EXCLUDED.backend_start,
-       taken_at = EXCLUDED.taken_at, expires_at = EXCLUDED.expires_at
- WHERE l.holder = EXCLUDED.holder OR NOT """ + LEASE_LIVE.format(alias="l") + """
+ WHERE NOT EXISTS (
+       SELECT FROM {schema}.leases o
+        WHERE o.table_oid = $1 AND o.holder <> $3 AND NOT coalesce(o.command_key = $7::text, false)
+          AND """ + LEASE_LIVE.format(alias="o") + """)
+ON CONFLICT (table_oid, holder) DO UPDATE
+   SET target_table = EXCLUDED.target_table, client = EXCLUDED.client,
+       backend_pid = EXCLUDED.backend_pid, backend_start = EXCLUDED.backend_start, expires_at = EXCLUDED.expires_at
 RETURNING holder
 """
 
 # $1 table oid, $2 holder, $3 lease seconds, $4 load id (NULL: unchanged). No row back: the
-# lease was lost (expired, and another load took it over).
+# lease was lost (it expired, and another run found it dead).
 RENEW_LEASE = """
 UPDATE {schema}.leases SET expires_at = clock_timestamp() + $3::float8 * interval '1 second',
        load_id = coalesce($4::text, load_id)
@@ -192,14 +208,32 @@ RELEASE_LEASE = """
 UPDATE {schema}.leases SET expires_at = '-infinity' WHERE table_oid = $1 AND holder = $2
 """
 
-# Who holds the table's lease, for the message of a run that cannot take it.
+# Who keeps the table from a run ($2 its holder, $3 its command key), for its message.
 LEASE_HOLDER = """
 SELECT client, load_id, taken_at, expires_at, backend_pid IS NULL AS pooled
-  FROM {schema}.leases l WHERE table_oid = $1 AND """ + LEASE_LIVE.format(alias="l") + """
+  FROM {schema}.leases l
+ WHERE table_oid = $1 AND holder <> $2 AND NOT coalesce(command_key = $3::text, false) AND """ + LEASE_LIVE.format(alias="l") + """
+ ORDER BY taken_at LIMIT 1
+"""
+
+# A run sharing a file set takes a source ($1 its load key) for itself ($2 its holder): no
+# row back in `claimed` when a live run (its lease) has it. `client`: the run that has it.
+CLAIM_SOURCE = """
+WITH claimed AS (
+    INSERT INTO {schema}.claims AS c (load_key, holder, claimed_at) VALUES ($1, $2, clock_timestamp())
+    ON CONFLICT (load_key) DO UPDATE SET holder = EXCLUDED.holder, claimed_at = EXCLUDED.claimed_at
+     WHERE c.holder = EXCLUDED.holder OR NOT EXISTS (
+           SELECT FROM {schema}.leases l WHERE l.holder = c.holder AND """ + LEASE_LIVE.format(alias="l") + """)
+    RETURNING holder
+)
+SELECT EXISTS (SELECT FROM claimed) AS claimed,
+       (SELECT l.client FROM {schema}.claims c JOIN {schema}.leases l ON l.holder = c.holder
+         WHERE c.load_key = $1 LIMIT 1) AS client
 """
 
 # What status shows. The stored states stay as the loader writes them; shown are:
-# - a load stored `running` is live only while it holds its table's lease (see LEASE_LIVE);
+# - a load stored `running` is live only while the run loading it holds its lease (see
+#   LEASE_LIVE);
 #   else its process is gone (kill -9, OOM, reboot): `interrupted`.
 # - rows of a load stored `running` (live or dead) are those of its committed batches (the
 #   totals are written when a load finishes), and its duration ends at its last commit if dead;
@@ -212,7 +246,8 @@ WITH recent AS (
 ), shown AS (
     SELECT r.*, b.loaded, b.rejected, b.last_commit,
            r.state = 'running' AND EXISTS (
-               SELECT FROM {schema}.leases l WHERE l.load_id = r.load_id AND """ + LEASE_LIVE.format(alias="l") + """
+               SELECT FROM {schema}.leases l
+                WHERE (l.holder = r.holder OR (r.holder IS NULL AND l.load_id = r.load_id)) AND """ + LEASE_LIVE.format(alias="l") + """
            ) AS live
       FROM recent r
       LEFT JOIN LATERAL (

@@ -112,22 +112,26 @@ async def table_exists(conn: asyncpg.Connection, table: str) -> bool:
         raise UsageError(f"--table {table}: {server_message(exc)}") from None
 
 
-async def create_table(conn: asyncpg.Connection, table: str, columns: Sequence[tuple[str, str]], dry_run: bool) -> str:
-    """Create the table (unless another process just did: one creates, the others find it);
-    the DDL, to be shown (in a dry run, only that)."""
+async def create_table(
+    conn: asyncpg.Connection, table: str, columns: Sequence[tuple[str, str]], dry_run: bool
+) -> tuple[str, bool]:
+    """Create the table, unless another process just did (one creates, the others find it):
+    the DDL, to be shown (in a dry run, only that), and whether this call created it."""
     try:
         row = await conn.fetchrow(sql.TABLE_NAME, table)
         ddl = sql.create_table(row["schema"], row["name"], columns)
         if dry_run:
-            return ddl
+            return ddl, False
         async with conn.transaction():
             await conn.execute(sql.CREATE_LOCK, sql.qualified(row["schema"], row["name"]))
+            if await conn.fetchval(sql.SCHEMA_TABLE_EXISTS, row["schema"], row["name"]):
+                return ddl, False
             await conn.execute(ddl)
     except asyncpg.PostgresError as exc:
         if is_transient(exc):
             raise
         raise UsageError(f"--create: cannot create {table}: {server_message(exc)}") from None
-    return ddl
+    return ddl, True
 
 
 async def resolve_target(conn: asyncpg.Connection, table: str) -> Target:

@@ -4,8 +4,9 @@
 --     psql -v role=etl -f sql/grants.sql                  # ledger in the schema "loader"
 --     psql -v role=etl -v schema=ledger -f sql/grants.sql # ... or the one --ledger-schema names
 --
--- USAGE on the schema; SELECT, INSERT, UPDATE on its tables loads, batches, rejects
--- and leases (`loader status` alone needs only USAGE and SELECT on loads, batches and leases). The role also
+-- USAGE on the schema; SELECT, INSERT, UPDATE on its tables loads, batches, rejects, leases
+-- and claims, and DELETE on leases (`loader status` alone needs only USAGE and SELECT on
+-- loads, batches and leases). The role also
 -- needs INSERT on the target tables, which this script does not grant. Names are taken as
 -- they are (psql quotes them as identifiers); running it again changes nothing. Needs psql 10+.
 
@@ -23,5 +24,7 @@
 
 BEGIN;
 GRANT USAGE ON SCHEMA :"schema" TO :"role";
-GRANT SELECT, INSERT, UPDATE ON :"schema".loads, :"schema".batches, :"schema".rejects, :"schema".leases TO :"role";
+GRANT SELECT, INSERT, UPDATE ON :"schema".loads, :"schema".batches, :"schema".rejects, :"schema".leases,
+    :"schema".claims TO :"role";
+GRANT DELETE ON :"schema".leases TO :"role";
 COMMIT;

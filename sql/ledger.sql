@@ -57,18 +57,36 @@ CREATE TABLE IF NOT EXISTS {schema}.rejects (
     FOREIGN KEY (load_id, batch_no) REFERENCES {schema}.batches ON DELETE CASCADE
 );
 
--- One load per table at a time: the load that holds a table's lease renews it while it runs
--- and gives it up when it ends. Another load may take it over once it has expired, or at once
--- when the session that took it (backend_pid, on a direct connection) is gone. Through a
--- connection pooler backend_pid is NULL: the server session is not the load's own.
+-- One command per table at a time: a run holds a lease on its table, one row per run, renews
+-- it while it runs and gives it up when it ends. A run may take the table while every other
+-- live lease on it is held by runs of the same file set command (command_key; NULL: a command
+-- that shares with none), which then split the set between them. A lease is live until it
+-- expires and, while the session that took it (backend_pid, on a direct connection) exists;
+-- through a connection pooler backend_pid is NULL: the server session is not the run's own.
 CREATE TABLE IF NOT EXISTS {schema}.leases (
-    table_oid      oid PRIMARY KEY,
+    table_oid      oid NOT NULL,
     target_table   text NOT NULL,
     holder         text NOT NULL,             -- the run holding it (a random token)
-    load_id        text,                      -- its load, once planned
+    command_key    text,                      -- the command it runs, when it shares the table
+    load_id        text,                      -- its load now, once planned
     client         text NOT NULL,             -- host and process of that run, for messages
     backend_pid    integer,
     backend_start  timestamptz,
     taken_at       timestamptz NOT NULL,
     expires_at     timestamptz NOT NULL
 );
+
+-- Which run loads a source now (load_key as in loads): the runs sharing a file set each take
+-- a source whose last claim is theirs, or whose claimer's lease is no longer live.
+CREATE TABLE IF NOT EXISTS {schema}.claims (
+    load_key       text PRIMARY KEY,
+    holder         text NOT NULL,
+    claimed_at     timestamptz NOT NULL
+);
+
+-- What a ledger made by an earlier version lacks: one lease per run, not per table, and the
+-- run that loads each load.
+ALTER TABLE {schema}.leases DROP CONSTRAINT IF EXISTS leases_pkey;
+ALTER TABLE {schema}.leases ADD COLUMN IF NOT EXISTS command_key text;
+CREATE UNIQUE INDEX IF NOT EXISTS leases_holder ON {schema}.leases (table_oid, holder);
+ALTER TABLE {schema}.loads ADD COLUMN IF NOT EXISTS holder text;

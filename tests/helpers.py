@@ -289,7 +289,7 @@ async def sink_for(
             target = await resolve_target(conn, table)
             ledger = Ledger("loader")
             await ledger.ensure(conn)
-            await ledger.start(conn, "load-1", None, target.display, str(source), None, None, {})
+            await ledger.start(conn, "load-1", None, target.display, str(source), None, None, {}, None, "test")
         yield pool, Sink(pool, target, columns, CsvDialect(), ledger, "load-1", retry or RetryPolicy())
     finally:
         await pool.close()

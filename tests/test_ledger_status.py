@@ -251,14 +251,18 @@ def test_status_shows_a_load_that_left_rows_out_as_finished_with_rejects(db: Db,
 
 
 def test_a_ledger_made_by_an_earlier_version_is_brought_up_to_date_by_the_next_load(db: Db, tmp_path: Path) -> None:
-    """A ledger without the leases table and without the loads' content keys (made before
-    loads held a table by lease, and knew a file by its content): `status` says the next load
-    updates it (exit 2); the next load does, and loads; then `status` shows the loads of
-    before and after."""
+    """A ledger of an earlier version (one lease row per table, no claims, no loads' holders):
+    `status` says the next load updates it (exit 2); the next load does, and loads; then
+    `status` shows the loads of before and after."""
     from loader import sql
 
-    earlier = sql.sql_file("ledger.sql").split("-- One load per table at a time")[0]
-    earlier = "\n".join(line for line in earlier.splitlines() if "content" not in line)
+    loads = sql.sql_file("ledger.sql").split("-- One command per table at a time")[0]
+    earlier = loads + """
+    CREATE TABLE {schema}.leases (
+        table_oid oid PRIMARY KEY, target_table text NOT NULL, holder text NOT NULL, load_id text,
+        client text NOT NULL, backend_pid integer, backend_start timestamptz,
+        taken_at timestamptz NOT NULL, expires_at timestamptz NOT NULL
+    );"""
     db.script(sql.render("CREATE SCHEMA {schema};\n" + earlier, schema="loader"))
     db.sql(
         "INSERT INTO loader.loads (load_id, target_table, source, boundaries, state) "
@@ -270,6 +274,11 @@ def test_a_ledger_made_by_an_earlier_version_is_brought_up_to_date_by_the_next_l
 
     db.sql("CREATE TABLE events (id bigint PRIMARY KEY, name text, note text, amount numeric, at timestamptz, flag boolean)")
     csv = write_csv(tmp_path / "events.csv", event_rows(100), EVENTS_HEADER)
+    db.sql(
+        "INSERT INTO loader.leases (table_oid, target_table, holder, client, taken_at, expires_at) "
+        "SELECT 'events'::regclass, 'events', 'an earlier run', 'elsewhere pid 1', now(), now()"
+    )
     assert db.loader("import", str(csv), "-t", "events").code == 0
     assert [load["source"] for load in status(db)] == [str(csv), "old.csv"]
-    assert db.value("SELECT content_key IS NOT NULL FROM loader.loads WHERE source = $1", str(csv))
+    assert db.value("SELECT holder IS NOT NULL FROM loader.loads WHERE source = $1", str(csv))
+    assert db.value("SELECT count(*) FROM loader.leases WHERE table_oid = 'events'::regclass") == 1
