@@ -94,9 +94,9 @@ class BufferPool:
         """A buffer of `size` bytes: a spare one grown back (within its allocation: no copy)."""
         while self._spare:
             buf = self._spare.pop()
-            if len(buf) > size:  # held a record longer than --batch-bytes
+            if len(buf) >= size:  # too big (a long record, or a small file's last batch) to be grown
                 continue
-            try:
+            try:  # growing it is also what tells that no view of it is left
                 buf[len(buf) :] = bytes(size - len(buf))
                 return buf
             except BufferError:  # still viewed somewhere: leave it
@@ -267,6 +267,9 @@ class Batcher:
         past the buffer (b"" once the source is exhausted: then the buffer holds all that is left)."""
         size = self._batch_bytes + 1  # the extra byte tells whether the source goes on
         tail = self._tail
+        left = self._source.bytes_left()
+        if left is not None:  # a small file's buffer is its size, not --batch-bytes (a memset and page faults)
+            size = min(size, len(tail) + left + 1)
         if len(tail) >= size:  # left over from a record longer than --batch-bytes
             return bytearray(tail[: size - 1]), tail[size - 1 :]
         buf = self.buffers.take(size)

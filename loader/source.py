@@ -79,6 +79,15 @@ class Source:
     def compressed(self) -> bool:
         return self.codec is not None
 
+    def bytes_left(self) -> int | None:
+        """How many bytes of a plain file are not read yet; None for a stream of unknown length."""
+        if self.compressed or self.stat is None:
+            return None
+        try:
+            return max(self.stat[0] - self.stream.tell(), 0)
+        except (OSError, ValueError):
+            return None
+
     def close(self) -> None:
         self.stream.close()
         if self.raw is not self.stream and (self.spooled or not self.is_stdin):
