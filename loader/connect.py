@@ -146,13 +146,17 @@ async def _nothing_to_reset(conn: asyncpg.Connection) -> None:
     would cost a round trip per batch."""
 
 
-async def connect(options: ConnectOptions, on_retry: Callable[[BaseException], None] | None = None) -> asyncpg.Connection:
-    """One connection outside the pool, for the load's own session. It prepares no statement
-    by name, since it cannot know yet whether it talks to a pooler (see is_pooled)."""
+async def connect(
+    options: ConnectOptions, on_retry: Callable[[BaseException], None] | None = None, direct: bool = False
+) -> asyncpg.Connection:
+    """One connection outside the pool, for the load's own session. It prepares statements by
+    name only when it is known to be `direct` (no pooler: see is_pooled), to run them again
+    in one round trip."""
 
     async def create(dsn: str | None) -> asyncpg.Connection:
         return await asyncpg.connect(
-            dsn, timeout=15, server_settings={"application_name": options.application_name}, statement_cache_size=0
+            dsn, timeout=15, server_settings={"application_name": options.application_name},
+            statement_cache_size=100 if direct else 0,
         )
 
     return await _connecting(options, create, on_retry)

@@ -60,8 +60,14 @@ class ControlSession:
         self._turn = asyncio.Lock()
 
     async def __aenter__(self) -> ControlSession:
-        self._conn = await unless_interrupted(connect(self.options, on_retry=self.on_retry), self.interrupt)
-        self.pooled = await is_pooled(self._conn)
+        first = await unless_interrupted(connect(self.options, on_retry=self.on_retry), self.interrupt)
+        self.pooled = await is_pooled(first)
+        if self.pooled:
+            self._conn = first
+            return self
+        # No pooler: a session that prepares its statements, which a file set's loads run again and again.
+        await first.close()
+        self._conn = await unless_interrupted(connect(self.options, on_retry=self.on_retry, direct=True), self.interrupt)
         return self
 
     async def __aexit__(
@@ -124,7 +130,7 @@ class ControlSession:
 
     async def reconnect(self) -> None:
         log.warning("loader: the load's session was lost (server restart?): reconnecting")
-        self._conn = await connect(self.options, on_retry=self.on_retry)
+        self._conn = await connect(self.options, on_retry=self.on_retry, direct=not self.pooled)
         await self._conn.execute(sql.SET_APPLICATION_NAME, self.application_name)
         if self.lease is not None:  # taken back at once, or another load got it meanwhile: exit 75
             self.pooled = await is_pooled(self._conn)
