@@ -162,3 +162,20 @@ def test_runs_of_the_same_command_with_create_make_the_table_once(db: Db, tmp_pa
     created = [r for r in runs if "created fresh" in r.stderr()]
     assert len(created) == 1, [r.stderr() for r in runs]
     assert [tuple(r) for r in db.sql("SELECT id, name FROM fresh ORDER BY id")] == expected
+
+
+def test_status_shows_every_file_a_run_is_loading_as_running(db: Db, tmp_path: Path, gate: Any) -> None:
+    """While one run has two files of its set under way, `loader status` shows both as
+    running, not the earlier one as interrupted."""
+    db.script(TABLE.replace("FOR EACH ROW", "FOR EACH ROW WHEN (NEW.name <> 'part-00.csv')"))
+    exports(tmp_path)
+    run = Background(db, *COMMAND)
+    until(lambda: db.value("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = $1 AND NOT granted", GATE) == 2
+          or not run.running(), timeout=60)
+    assert run.running(), run.stderr()
+    shown = db.loader("status", "--json")
+    assert shown.code == 0, shown.stderr
+    states = {load["source"].rsplit("/", 1)[-1]: load["state"] for load in shown.json()}
+    assert states == {"part-00.csv": "succeeded", "part-01.csv": "running", "part-02.csv": "running"}, states
+    open_gate(db)
+    assert run.wait(timeout=120) == 0, run.stderr()
