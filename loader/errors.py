@@ -151,7 +151,12 @@ def server_message(exc: BaseException) -> str:
     message is its first argument.)"""
     detail, hint = getattr(exc, "detail", None), getattr(exc, "hint", None)
     primary = exc.args[0] if (detail or hint) and exc.args and isinstance(exc.args[0], str) else str(exc)
-    text = _one_line(primary)
+    return server_text(primary, detail, hint)
+
+
+def server_text(message: str, detail: str | None, hint: str | None) -> str:
+    """An error's message, detail and hint as `server_message` tells them."""
+    text = _one_line(message)
     if detail:
         text = f"{text} ({_one_line(detail)})"
     if hint:
@@ -179,8 +184,11 @@ def reject_message(exc: BaseException) -> str:
     """Why a row was rejected: the server's message, after the column it names when it
     refused one value (`column score: invalid input syntax for type integer: "high"`).
     Only ever computed for a rejected row, never on the fast path."""
-    message = server_message(exc)
-    column = refused_column(exc)
+    return column_message(refused_column(exc), server_message(exc))
+
+
+def column_message(column: str | None, message: str) -> str:
+    """A reject's message: `message`, after the column whose value was refused, if any."""
     if column is None:
         return message
     name = column if _PLAIN_NAME.fullmatch(column) else '"' + column.replace('"', '""') + '"'
