@@ -347,6 +347,16 @@ def find_copy_line(records: Records, lo: int, hi: int, reported: int) -> int | N
 
 def _find_copy_line_counting(records: Records, lo: int, stop: int, reported: int) -> int | None:
     """find_copy_line, record by record, for any line endings."""
+    for i, line in _copy_lines(records, lo, stop):
+        if line == reported:
+            return i
+        if line > reported:
+            return None
+    return None
+
+
+def _copy_lines(records: Records, lo: int, stop: int) -> Iterator[tuple[int, int]]:
+    """Each record of lo:stop with the line COPY reports for it when lo:stop goes as one COPY."""
     line = 0
     eol_is_lf: bool | None = None
     for i in range(lo, stop):
@@ -358,13 +368,125 @@ def _find_copy_line_counting(records: Records, lo: int, stop: int, reported: int
         else:  # CR counts, as long as the line ending is not known to be LF; the record's own does not
             line += data.count(b"\r") - (1 if ends_crlf or data.endswith(b"\r") else 0)
         line += 1
-        if line == reported:
-            return i
-        if line > reported:
-            return None
+        yield i, line
         if eol_is_lf is None and ends_lf:
             eol_is_lf = not ends_crlf
-    return None
+
+
+def records_at_copy_lines(data: Bytes, first: int, reported: Sequence[int], dialect: CsvDialect) -> list[tuple[int, bytes]] | None:
+    """The records at `reported` (ascending), the lines a COPY of all of `data` named (which
+    starts at a record start, on source line `first`): for each, the source line it starts on
+    and its bytes without the line ending. None when a line names no record.
+
+    With LF line endings only, the records are found by counting line feeds and quotes in C,
+    whatever the size of `data`: no Python step per row, only per reported line. Otherwise
+    `data` is split into records and each one's line counted (find_copy_line's rules)."""
+    syntax = RecordSyntax.of(dialect)
+    if syntax.parity and syntax.newline == b"\n" and b"\r" not in data:
+        return _records_at_lf_lines(data, first, reported, syntax.quote)
+    records = split_records(data, first, dialect)
+    at = dict((line, i) for i, line in _copy_lines(records, 0, min(len(records), max(reported, default=0))))
+    found = [at.get(line) for line in reported]
+    if None in found:
+        return None
+    return [(records.lines[i], bytes(records.bare(i))) for i in found if i is not None]
+
+
+def _records_at_lf_lines(data: Bytes, first: int, reported: Sequence[int], quote: bytes) -> list[tuple[int, bytes]] | None:
+    """records_at_copy_lines for data with LF line endings only and doubled quotes. COPY counts
+    the first record as one line, whatever line feeds its quoted fields hold, and each later
+    record as its line feeds: the record at line L > 1 ends with the (L + skew)-th line feed of
+    `data`, skew being the first record's line feeds less one. Two passes of `bytes.count` up
+    to the last line reported (line feeds, and quotes to be sure each end is a record's), and a
+    few steps per line."""
+    first_end = RecordSyntax(quote, quote, b"\n").record_end(data, 0, 0)
+    skew = data.count(b"\n", 0, first_end) - 1
+    sample = min(len(data), 1 << 16)
+    line_bytes = sample / max(1, data.count(b"\n", 0, sample))
+    pos, seen = 0, 0  # data[:pos], which ends at a record end, holds `seen` line feeds
+    found: list[tuple[int, bytes]] = []
+    for line in reported:
+        if line == 1:
+            if found:
+                return None
+            found.append((first, bytes(data[:first_end]).removesuffix(b"\n")))
+            continue
+        n = line + skew
+        if n <= seen:  # not past the record before
+            return None
+        end, ended = _newline_end(data, n, pos, seen, line_bytes), n  # `ended`: the line feeds up to `end`
+        if end < 0:  # the last record, if it has no line ending
+            ended = seen + data.count(b"\n", pos)
+            if n != ended + 1 or data.endswith(b"\n"):
+                return None
+            end = len(data)
+        if data.count(quote, pos, end) & 1:  # inside a quoted field: not a record's end
+            return None
+        start = data.rfind(b"\n", 0, end - 1) + 1
+        while data.count(quote, start, end) & 1:  # a line break inside quotes: not the record's start
+            if start == 0:
+                return None
+            start = data.rfind(b"\n", 0, start - 1) + 1
+        if start < max(pos, first_end):
+            return None
+        found.append((first + ended - data.count(b"\n", start, end), bytes(data[start:end]).removesuffix(b"\n")))
+        pos, seen = end, ended
+    return found
+
+
+def _newline_end(data: Bytes, n: int, pos: int, seen: int, line_bytes: float) -> int:
+    """Offset just past the n-th line feed of `data`, of which `seen` (fewer than n) lie before
+    `pos`; -1 if `data` holds fewer. Guessed from the average line's size, and counted in C."""
+    while True:
+        want = n - seen
+        hi = min(len(data), pos + int(want * line_bytes) + 1)
+        found = data.count(b"\n", pos, hi)
+        while found >= want + 64:  # far past it: look nearer
+            hi = pos + (hi - pos) // 2
+            found = data.count(b"\n", pos, hi)
+        if found >= want:
+            end = hi
+            for _ in range(found - want + 1):
+                end = data.rfind(b"\n", pos, end)
+            return end + 1
+        if hi >= len(data):
+            return -1
+        pos, seen = hi, seen + found
+
+
+def split_fields(record: Bytes, dialect: CsvDialect) -> list[str | None] | None:
+    """The values of one record (without its line ending) as COPY (FORMAT csv) reads them, for
+    doubled quotes: None for NULL (an unquoted field that is the NULL text). None when the
+    record does not decode, or leaves a quoted field open (COPY refuses such a record)."""
+    encoding = dialect.python_encoding
+    delimiter, quote, null = (c.encode(encoding) for c in (dialect.delimiter, dialect.quote, dialect.null))
+    values: list[str | None] = []
+    i = 0
+    while True:
+        value, quoted = b"", False
+        while True:  # outside quotes: up to the delimiter that ends the field, or a quote
+            d, q = record.find(delimiter, i), record.find(quote, i)
+            if q < 0 or 0 <= d < q:
+                end = len(record) if d < 0 else d
+                value += record[i:end]
+                break
+            value, quoted, i = value + record[i:q], True, q + 1
+            while True:  # inside quotes: up to the closing quote; a doubled one is a quote
+                q = record.find(quote, i)
+                if q < 0:
+                    return None
+                value += record[i:q]
+                if record[q + 1 : q + 2] != quote:
+                    i = q + 1
+                    break
+                value, i = value + quote, q + 2
+        try:
+            values.append(None if not quoted and value == null else value.decode(encoding))
+        except UnicodeDecodeError:
+            return None
+        if d < 0:
+            return values
+        i = d + 1
 
 
 def holds_end_marker(data: bytes | bytearray, newline: bytes) -> bool:

@@ -7,7 +7,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from loader.options import CsvDialect
-from loader.records import RecordSyntax, _find_copy_line_counting, find_copy_line, split_records
+from loader.records import (
+    RecordSyntax,
+    _copy_lines,
+    _find_copy_line_counting,
+    find_copy_line,
+    records_at_copy_lines,
+    split_fields,
+    split_records,
+)
 
 plain = st.sampled_from([b"1,a", b"22,bb", b"3,", b'4,"x,y"', b'5,"say ""hi"""'])
 with_newlines = st.sampled_from([b'6,"two\nlines"', b'7,"three\n\nlines"', b'8,"\n"'])
@@ -62,3 +70,43 @@ def test_a_record_end_scan_resumed_on_more_bytes_ends_where_one_scan_does(body: 
     assert end == DOUBLED.scan_record_end(body, 0, 0)[0]
     first = split_records(body, 1, CsvDialect()).offsets[1:2]
     assert first == [end] if end >= 0 else first in ([], [len(body)])  # -1: no record ends yet
+
+
+@given(records=records, last_ended=st.booleans(), ending=st.sampled_from(["\n", "\r\n", "\r"]), data=st.data())
+def test_the_records_found_for_the_lines_of_skipped_rows_are_those_postgresql_counts_to(
+    records: list[bytes], last_ended: bool, ending: str, data: st.DataObject
+) -> None:
+    """The lines COPY names in its notices lead to the same records whether found by counting
+    bytes (LF files) or by splitting the records and counting each one's lines."""
+    dialect = CsvDialect(newline="\r" if ending == "\r" else "\n")
+    body = ending.encode().join(r.replace(b"\n", ending.encode()) for r in records) + (ending.encode() if last_ended else b"")
+    split = split_records(body, 2, dialect)
+    lines = dict(_copy_lines(split, 0, len(split)))
+    chosen = sorted(data.draw(st.sets(st.sampled_from(range(len(split))))))
+    expected = [(split.lines[i], bytes(split.bare(i))) for i in chosen]
+    assert records_at_copy_lines(body, 2, [lines[i] for i in chosen], dialect) == expected
+    stray = data.draw(st.integers(1, max(lines.values()) + 2))
+    if stray not in lines.values():
+        assert records_at_copy_lines(body, 2, [stray], dialect) is None
+
+
+values = st.lists(st.one_of(st.none(), st.text(alphabet='ab,"\n é', max_size=6)), min_size=1, max_size=6)
+
+
+@given(values=values, quote_all=st.booleans())
+def test_the_fields_of_a_record_are_the_values_copy_reads(values: list[str | None], quote_all: bool) -> None:
+    def field(value: str | None) -> str:
+        if value is None:
+            return ""
+        if quote_all or not value or any(c in value for c in ',"\n'):
+            return '"' + value.replace('"', '""') + '"'
+        return value
+
+    record = ",".join(map(field, values)).encode()
+    assert split_fields(record, CsvDialect()) == values
+
+
+def test_a_quote_inside_a_field_opens_a_quoted_part_as_copy_reads_it() -> None:
+    assert split_fields(b'a"b,c"d,,"",\\N', CsvDialect()) == ["ab,cd", None, "", "\\N"]
+    assert split_fields(b"1;\\N;x", CsvDialect(delimiter=";", null="\\N")) == ["1", None, "x"]
+    assert split_fields(b'1,"open', CsvDialect()) is None
