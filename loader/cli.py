@@ -114,6 +114,7 @@ class LoadArgs:
     create: Annotated[bool, _option("--create", help="Create the table if it does not exist, its columns named by the header, their types inferred from the data (printed).", env="CREATE")] = LoadOptions.create
     infer_rows: Annotated[Optional[int], _option("--infer-rows", help="With --create: infer the types from this many records. Default: the whole file.", env="INFER_ROWS", show_default=False)] = LoadOptions.infer_rows
     dry_run: Annotated[bool, _option("--dry-run", help="Send every batch and report what a load would do, rejects included, but commit nothing.", env="DRY_RUN")] = LoadOptions.dry_run
+    copy_on_error: Annotated[bool, _option("--copy-on-error/--no-copy-on-error", help="On PostgreSQL 17 and later, COPY skips the rows whose values their columns' types refuse (ON_ERROR ignore), and the loader rejects them from the server's notices; --no-copy-on-error isolates them row by row, as on older servers. The rejects are the same.", env="COPY_ON_ERROR")] = LoadOptions.copy_on_error
     workers: Annotated[str, _option("--workers", "-w", help="Connections, and batches loading at once; or auto: adapt between 1 and --max-workers to what the server takes. Lowered to the connections the server can spare.", env="WORKERS")] = str(DEFAULT_WORKERS)
     max_workers: Annotated[int, _option("--max-workers", help="The most batches in flight with --workers auto.", env="MAX_WORKERS")] = DEFAULT_MAX_WORKERS
     batch_size: Annotated[int, _option("--batch-size", help="Rows per batch (each batch is one transaction).", env="BATCH_SIZE")] = DEFAULT_BATCH_ROWS
@@ -224,6 +225,7 @@ def _load_options(source: str, args: LoadArgs) -> LoadOptions:
         key=_split_columns(args.key),
         on_conflict=args.on_conflict.strip().lower(),
         dry_run=args.dry_run,
+        copy_on_error=args.copy_on_error,
         create=args.create,
         infer_rows=args.infer_rows,
         deadline=parse_deadline(args.deadline) if args.deadline else None,

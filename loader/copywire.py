@@ -20,8 +20,10 @@ PACE_CHUNK = 64 * 1024
 _COPY_LINE = re.compile(r"\bline (\d+)")
 
 
-def copy_options(dialect: CsvDialect) -> dict[str, str]:
-    """COPY's options for the dialect; HEADER is never sent (the loader takes the header off)."""
+def copy_options(dialect: CsvDialect, skip_bad_values: bool = False) -> dict[str, str]:
+    """COPY's options for the dialect; HEADER is never sent (the loader takes the header off).
+    `skip_bad_values` (PostgreSQL 17+): rows with a value of the wrong type are skipped, each
+    told in a NOTICE with its line and column (see onerror.py)."""
     options = {
         "format": "csv",
         "delimiter": dialect.delimiter,
@@ -31,11 +33,14 @@ def copy_options(dialect: CsvDialect) -> dict[str, str]:
     }
     if dialect.escape is not None:
         options["escape"] = dialect.escape
+    if skip_bad_values:
+        options["on_error"] = "ignore"
+        options["log_verbosity"] = "verbose"
     return options
 
 
-def copy_statement(schema: str, table: str, columns: Sequence[str], dialect: CsvDialect) -> str:
-    return sql.copy_from_stdin(schema, table, columns, copy_options(dialect))
+def copy_statement(schema: str, table: str, columns: Sequence[str], dialect: CsvDialect, skip_bad_values: bool = False) -> str:
+    return sql.copy_from_stdin(schema, table, columns, copy_options(dialect, skip_bad_values))
 
 
 async def _chunks(data: bytes | bytearray, pace: Pace | None) -> AsyncIterator[memoryview]:
@@ -91,5 +96,10 @@ async def _unless_lost(conn: asyncpg.Connection, copy: Awaitable[str]) -> str:
 
 def copy_line(exc: BaseException) -> int | None:
     """The 1-based record number within a COPY that the server blamed, from the error context."""
-    match = _COPY_LINE.search(getattr(exc, "context", None) or "")
+    return copy_line_of(getattr(exc, "context", None) or "")
+
+
+def copy_line_of(text: str) -> int | None:
+    """The line number in a COPY's error context, or in its notice of a skipped row."""
+    match = _COPY_LINE.search(text)
     return int(match.group(1)) if match else None

@@ -309,6 +309,7 @@ class LoadOptions(ConnectOptions):
     key: tuple[str, ...] | None = None  # upsert: the columns a row is matched on
     on_conflict: str = "update"  # upsert: update the existing row, or keep it ("nothing")
     dry_run: bool = False  # send every batch, commit none
+    copy_on_error: bool = True  # PostgreSQL 17+: COPY skips rows with bad values, rejected from its notices (onerror.py)
     create: bool = False  # create a missing table, with types inferred from the data
     infer_rows: int | None = None  # --create reads this many records to infer types; None: all
     create_from: tuple[str, ...] = ()  # --create: the files whose data the types must fit; (): the source

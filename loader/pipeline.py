@@ -22,6 +22,7 @@ from pathlib import Path
 
 import asyncpg
 
+from . import onerror
 from . import rejects as rejects_file
 from .batching import Batch, Batcher, parse_header
 from .concurrency import Concurrency
@@ -324,9 +325,12 @@ class _Load:
         settings = transaction_settings(options)
         if self.upsert is not None:
             settings.update(MERGE_WORK_MEM)
+        skip_bad_values = options.copy_on_error and onerror.usable(conn.get_server_version(), self.dialect)
+        if skip_bad_values:  # the server's notices of skipped rows must reach the loader
+            settings.update(onerror.SETTINGS)
         writing = Writing(
             settings=settings, upsert=self.upsert, dry_run=options.dry_run,
-            committed=frozenset(planned.committed),
+            committed=frozenset(planned.committed), skip_bad_values=skip_bad_values,
         )
         if options.mode != "replace" or planned.verify_only:
             return target, writing

@@ -1,6 +1,7 @@
 """The sink: COPY of one batch, with its ledger row, in one transaction, exactly once.
 
-The fast path is one COPY of the batch's bytes; a refused batch goes through `isolate`.
+The fast path is one COPY of the batch's bytes, in which PostgreSQL 17+ skips rows with bad
+values (`onerror`); a refused batch goes through `isolate`.
 This is the one place where asyncpg's exceptions about loading a batch become the loader's
 own errors (connecting: `connect`; the target table: `target`; the wire: `copywire`).
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -30,12 +32,16 @@ from .errors import (
 from .isolate import ErrorRate, isolate, misread_message
 from .ledger import Ledger
 from .modes import NO_KEYS, Span, Turns, Upsert
+from .onerror import Skips, Unresolved, column_types
+from .onerror import rejects as skipped_rejects
 from .options import CsvDialect, RetryPolicy
 from .records import Bytes, holds_end_marker
 from .rejects import Reject
 from .retry import retrying
 from .target import Target
 from .throttle import Pace
+
+log = logging.getLogger("loader")
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,7 @@ class Writing:
     dry_run: bool = False  # one transaction for the whole load, a savepoint per batch, rolled back at the end
     committed: frozenset[int] = frozenset()  # batches earlier runs committed (an upsert merges after them)
     table: str | None = None  # the table's name, where messages would name the stage it loads into instead
+    skip_bad_values: bool = False  # COPY ... ON_ERROR ignore (PostgreSQL 17+): see onerror.py
 
 
 @dataclass
@@ -153,9 +160,19 @@ class Sink:
         prologue = [writing.prologue] if writing.prologue else []
         if writing.upsert is not None:
             prologue.append(writing.upsert.create_stage)
-            self._copy_statement = sql.empty_upsert_stage() + "; " + copy_statement("pg_temp", sql.UPSERT_STAGE, columns, dialect)
+            empty = sql.empty_upsert_stage() + "; "
+            self._copy_statement, self._skipping_statement = (
+                empty + copy_statement("pg_temp", sql.UPSERT_STAGE, columns, dialect, skip) for skip in (False, True)
+            )
+            self._relation = sql.UPSERT_STAGE  # as the server's notices name it
         else:
-            self._copy_statement = copy_statement(target.schema, target.name, columns, dialect)
+            self._copy_statement, self._skipping_statement = (
+                copy_statement(target.schema, target.name, columns, dialect, skip) for skip in (False, True)
+            )
+            self._relation = target.name
+        # Off for the rest of the load once the server refuses ON_ERROR, or its notices do not come.
+        self._skip_bad_values = writing.skip_bad_values
+        self._types: tuple[str, ...] | None = None  # the columns' types, once a batch had rows skipped
         self._begin = "; ".join([begin, *prologue])
         self._turns = Turns(writing.committed) if writing.upsert is not None else None
         self._shared: asyncpg.Connection | None = None  # a dry run's one connection, in its one transaction
@@ -165,16 +182,33 @@ class Sink:
         self._error_rate = ErrorRate()  # bad rows among those isolated so far: sizes the pieces
 
     async def _copy(
-        self, conn: asyncpg.Connection, batch: Batch, tally: _Tally, data: Bytes, records: int, before: str = ""
+        self,
+        conn: asyncpg.Connection,
+        batch: Batch,
+        tally: _Tally,
+        data: Bytes,
+        records: int,
+        before: str = "",
+        skips: Skips | None = None,
     ) -> int:
         """COPY `data`, which holds `records` records; MisreadRecords (a data error: the
         caller's transaction or savepoint takes the rows back) when the server took another
         number of rows, so that no record is counted as loaded but lost, or loaded twice.
-        An upsert then merges them, in the batch's turn."""
+        With `skips`, the server skips rows with bad values (ON_ERROR) and `skips` hears of
+        them: Unresolved unless each row not loaded was heard of. An upsert then merges the
+        rows, in the batch's turn."""
         self.copies += 1
-        rows = await copy_rows(conn, before + self._copy_statement, data, self._pace)
-        if rows != records:
-            raise MisreadRecords(misread_message(data, rows, records))
+        if skips is None:
+            rows = await copy_rows(conn, before + self._copy_statement, data, self._pace)
+            if rows != records:
+                raise MisreadRecords(misread_message(data, rows, records))
+        else:
+            conn.add_log_listener(skips.hear)
+            try:
+                rows = await copy_rows(conn, before + self._skipping_statement, data, self._pace)
+            finally:
+                conn.remove_log_listener(skips.hear)
+            skips.check(rows, records)
         upsert = self._writing.upsert
         if upsert is not None and self._turns is not None:
             await self._turns.wait(batch.number, await self._span(conn, upsert, batch, records))
@@ -235,12 +269,14 @@ class Sink:
         nothing; if that attempt is still in progress on the server, the claim waits on the
         row's unique index until it commits or rolls back, and then does the right thing.
 
-        The fast path is one COPY of the batch's bytes. Only when the server refuses the data
-        does the batch go, in a new transaction, through `isolate`, which loads the good rows
-        and returns the bad ones, recorded in the ledger in that same transaction. Once the
-        load's bad rows are so dense that a batch would almost surely be refused, batches go
-        to `isolate` at once: the refused COPY would cost the whole batch's transfer, and the
-        server's work up to the first bad row, for nothing.
+        The fast path is one COPY of the batch's bytes. On PostgreSQL 17 and later it skips
+        the rows whose values their columns' types refuse, and those become rejects in the
+        same transaction (see onerror.py). Only when the server refuses the data does the
+        batch go, in a new transaction, through `isolate`, which loads the good rows and
+        returns the bad ones, recorded in the ledger in that same transaction. Without
+        ON_ERROR, once the load's bad rows are so dense that a batch would almost surely be
+        refused, batches go to `isolate` at once: the refused COPY would cost the whole
+        batch's transfer, and the server's work up to the first bad row, for nothing.
         """
         committed = False
         try:
@@ -257,21 +293,22 @@ class Sink:
             self._turns.leave(batch.number, committed=False)
 
     async def _load(self, batch: Batch) -> Outcome:
-        refusal: BaseException | None = None
+        refusal: BaseException | None = None  # the error of the COPY of the whole batch, for isolate
+        isolating = False  # the batch needs isolate: its COPY was refused
         try:
             async for attempt in retrying(self._retry, self._on_retry):
                 with attempt:
                     retries = attempt.retry_state.attempt_number - 1
                     if retries and self._before_retry is not None:
                         await self._before_retry()
-                    fast = not self._error_rate.doomed(batch.rows) and not holds_end_marker(batch.data, self._newline)
-                    if refusal is None and fast:
-                        try:
-                            return dataclasses.replace(await self._load_fast(batch), retries=retries)
-                        except Exception as exc:
-                            if not is_data_error(exc):
-                                raise
-                            refusal = exc
+                    # With ON_ERROR, a refused COPY costs only the rows up to its first refused
+                    # row, which, when such rows are dense, are few: batches always go whole first.
+                    doomed = not self._skip_bad_values and self._error_rate.doomed(batch.rows)
+                    if not isolating and not doomed and not holds_end_marker(batch.data, self._newline):
+                        whole = await self._load_whole(batch)
+                        if isinstance(whole, Outcome):
+                            return dataclasses.replace(whole, retries=retries)
+                        refusal, isolating = whole, True
                     return dataclasses.replace(await self._load_isolating(batch, refusal), retries=retries)
         except LoaderError:
             raise
@@ -320,15 +357,59 @@ class Sink:
         assert done is not None, "a batch not claimed is committed"
         return Outcome(done["rows_loaded"], done["rows_rejected"], [], committed_before=True)
 
-    async def _load_fast(self, batch: Batch) -> Outcome:
+    async def _load_whole(self, batch: Batch) -> Outcome | BaseException | None:
+        """The batch in one COPY: its Outcome. When the server refused the data: the error, from
+        which `isolate` knows the first bad row; or None, for isolate to start from the batch's
+        start (a COPY with ON_ERROR was refused, or left skipped rows unresolved: rows before the
+        one it names may have been skipped). Once the server refuses ON_ERROR itself, or its
+        notices do not come, the load goes on without it."""
+        if self._skip_bad_values:
+            try:
+                return await self._load_fast(batch, skipping=True)
+            except Unresolved as exc:
+                if exc.unheard and self._skip_bad_values:
+                    self._skip_bad_values = False
+                    log.warning(
+                        "loader: warning: lines %d-%d: %s, so PostgreSQL's notices do not reach the loader "
+                        "(a pooler or proxy that drops them?); bad rows are isolated row by row from now on "
+                        "(--no-copy-on-error saves the attempt)", batch.first_line, batch.last_line, exc,
+                    )
+                return None
+            except Exception as exc:
+                if is_data_error(exc):
+                    return None
+                if not isinstance(exc, asyncpg.PostgresError) or is_transient(exc) or isinstance(exc, asyncpg.UndefinedTableError):
+                    raise
+                if self._skip_bad_values:  # the server refuses ON_ERROR (Citus tables do): do without
+                    self._skip_bad_values = False
+                    log.info("COPY ... ON_ERROR refused (%s %s): bad rows are isolated row by row", sqlstate(exc), server_message(exc))
+        try:
+            return await self._load_fast(batch, skipping=False)
+        except Exception as exc:
+            if not is_data_error(exc):
+                raise
+            return exc
+
+    async def _load_fast(self, batch: Batch, skipping: bool) -> Outcome:
         async with self._attempt() as conn:
             done = await self._claim(conn, batch)
             if done is not None:
                 return done
             tally = _Tally()
-            rows = await self._copy(conn, batch, tally, batch.data, batch.rows)  # misread: isolated after the rollback
+            if not skipping:
+                rows = await self._copy(conn, batch, tally, batch.data, batch.rows)  # misread: isolated after the rollback
+                await self._before_commit(batch)
+                return Outcome(rows, 0, [], merged=self._merged(tally))
+            skips = Skips(self._relation)
+            rows = await self._copy(conn, batch, tally, batch.data, batch.rows, skips=skips)
+            rejects: list[Reject] = []
+            if skips.heard:
+                if self._types is None:
+                    self._types = await column_types(conn, self.target.schema, self.target.name, self.columns)
+                found = await skipped_rejects(conn, batch, skips, self._dialect, self.columns, self._types)
+                rejects = await self._keep_rejects(conn, batch, rows, found)
             await self._before_commit(batch)
-            return Outcome(rows, 0, [], merged=self._merged(tally))
+            return Outcome(rows, len(rejects), rejects, merged=self._merged(tally))
 
     def _merged(self, tally: _Tally) -> tuple[int, int] | None:
         return (tally.inserted, tally.updated) if self._writing.upsert is not None else None
@@ -355,19 +436,25 @@ class Sink:
                 return rows
 
             loaded, rejects = await isolate(batch, self._dialect, copy_in_savepoint, copy_line, refusal, self._error_rate)
-            if self._writing.table is not None:  # a replace's stage: its messages name the table
-                stage, table = f'relation "{self.target.name}"', f'relation "{self._writing.table}"'
-                rejects = [dataclasses.replace(r, message=r.message.replace(stage, table)) for r in rejects]
             if before.startswith(sql.PIECE_UNDO):  # the last piece failed: out of the aborted state
                 await conn.execute(sql.PIECE_UNDO)
-            if loaded + len(rejects) != batch.rows:
-                raise LoaderError(
-                    f"lines {batch.first_line}-{batch.last_line}: {loaded} rows loaded and {len(rejects)} rejected "
-                    f"of {batch.rows} records; rolled back (a bug: please report it)"
-                )
-            if self._writing.dry_run:
-                self.rejected.extend(rejects)
-            else:
-                await self._ledger.record_rejects(conn, self._load_id, batch.number, loaded, rejects)
+            rejects = await self._keep_rejects(conn, batch, loaded, rejects)
             await self._before_commit(batch)
             return Outcome(loaded, len(rejects), rejects, merged=self._merged(tally))
+
+    async def _keep_rejects(self, conn: asyncpg.Connection, batch: Batch, loaded: int, rejects: list[Reject]) -> list[Reject]:
+        """Record a batch's rejects in its transaction (a dry run keeps them for its rejects
+        file), as they are told: in a replace, naming the table rather than its stage."""
+        if loaded + len(rejects) != batch.rows:
+            raise LoaderError(
+                f"lines {batch.first_line}-{batch.last_line}: {loaded} rows loaded and {len(rejects)} rejected "
+                f"of {batch.rows} records; rolled back (a bug: please report it)"
+            )
+        if self._writing.table is not None:  # a replace's stage: its messages name the table
+            stage, table = f'relation "{self.target.name}"', f'relation "{self._writing.table}"'
+            rejects = [dataclasses.replace(r, message=r.message.replace(stage, table)) for r in rejects]
+        if self._writing.dry_run:
+            self.rejected.extend(rejects)
+        else:
+            await self._ledger.record_rejects(conn, self._load_id, batch.number, loaded, rejects)
+        return rejects

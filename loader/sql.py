@@ -394,6 +394,27 @@ PIECE_UNDO = "ROLLBACK TO SAVEPOINT loader_piece"  # the savepoint stays, ready 
 PIECE_KEEP = "RELEASE SAVEPOINT loader_piece; SAVEPOINT loader_piece"
 
 
+# --- bad values skipped by COPY ... ON_ERROR ignore (PostgreSQL 17+, see onerror.py) ------
+
+# The type of each column a COPY names ($2, in order), with its modifier (numeric(6,2),
+# varchar(3)), as pg_input_error_info takes it; $1 is the table's qualified name.
+COLUMN_TYPES = """
+SELECT format_type(a.atttypid, a.atttypmod) AS type
+  FROM unnest($2::text[]) WITH ORDINALITY AS c(name, n)
+  LEFT JOIN pg_attribute a ON a.attrelid = to_regclass($1::text) AND a.attname = c.name AND a.attnum > 0 AND NOT a.attisdropped
+ ORDER BY c.n
+"""
+
+# What the type of each value says of it ($1 the values, $2 their types): the SQLSTATE,
+# message, detail and hint of its input function's error, all NULL when it takes the value.
+INPUT_ERRORS = """
+SELECT e.sql_error_code, e.message, e.detail, e.hint
+  FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS v(value, type, n)
+  CROSS JOIN LATERAL pg_input_error_info(v.value, v.type) AS e
+ ORDER BY v.n
+"""
+
+
 # --- load modes (see modes.py) ---------------------------------------------------------------
 
 # Whether the columns $2 (names as they are) are exactly the key columns of a unique index of

@@ -34,7 +34,7 @@ from loader.batching import Batch, Batcher
 from loader.connect import open_pool
 from loader.ledger import Ledger
 from loader.options import RetryPolicy
-from loader.sink import Sink
+from loader.sink import Sink, Writing
 from loader.source import open_source
 from loader.target import resolve_target
 
@@ -278,7 +278,7 @@ class Clock:
 
 @contextlib.asynccontextmanager
 async def sink_for(
-    dsn: str, table: str, columns: tuple[str, ...], source: Path, retry: RetryPolicy | None = None
+    dsn: str, table: str, columns: tuple[str, ...], source: Path, retry: RetryPolicy | None = None, writing: Writing | None = None
 ) -> AsyncIterator[tuple[asyncpg.Pool, Sink]]:
     """The loader's own sink into `table` on a pool of one connection, with a load "load-1"
     started in the ledger: for tests that send batches one by one."""
@@ -290,7 +290,7 @@ async def sink_for(
             ledger = Ledger("loader")
             await ledger.ensure(conn)
             await ledger.start(conn, "load-1", None, target.display, str(source), None, None, {}, None, "test")
-        yield pool, Sink(pool, target, columns, CsvDialect(), ledger, "load-1", retry or RetryPolicy())
+        yield pool, Sink(pool, target, columns, CsvDialect(), ledger, "load-1", retry or RetryPolicy(), writing=writing or Writing())
     finally:
         await pool.close()
 
