@@ -101,7 +101,8 @@ async def rejects(
 ) -> list[Reject]:
     """The rejects of the rows the COPY of `batch` skipped, as the isolation of a refused COPY
     tells them; in the batch's transaction. COPY converts a record's values in column order and
-    stops at the first refused: so does this, and the notice must name the same column."""
+    stops at the first refused: so does this, and the notice must name the same column and
+    value (its first 24 characters: a notice shows the first 100 bytes)."""
     lines = [line for line, _ in skips.heard]
     if any(a >= b for a, b in zip(lines, lines[1:], strict=False)):
         raise Unresolved("the notices of skipped rows do not follow the file's order")
@@ -121,7 +122,7 @@ async def rejects(
     for k, ((line, record), (_, notice)) in enumerate(zip(found, skips.heard, strict=True)):
         mine = errors[k * len(columns) : (k + 1) * len(columns)]
         refused = next((i for i, e in enumerate(mine) if e["sql_error_code"] is not None), None)
-        if refused is None or f'"{columns[refused]}": ' not in notice:
+        if refused is None or f'"{columns[refused]}": "{(values[k * len(columns) + refused] or "")[:24]}' not in notice:
             raise Unresolved(f"line {line}: no value of the record skipped is refused as the notice says ({notice})")
         error = mine[refused]
         message = column_message(columns[refused], server_text(error["message"], error["detail"], error["hint"]))

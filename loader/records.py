@@ -376,7 +376,8 @@ def _copy_lines(records: Records, lo: int, stop: int) -> Iterator[tuple[int, int
 def records_at_copy_lines(data: Bytes, first: int, reported: Sequence[int], dialect: CsvDialect) -> list[tuple[int, bytes]] | None:
     """The records at `reported` (ascending), the lines a COPY of all of `data` named (which
     starts at a record start, on source line `first`): for each, the source line it starts on
-    and its bytes without the line ending. None when a line names no record.
+    and its bytes without the line ending. None when a line names no record (in a file with LF
+    line endings, only when it is past the records, or not after the line before).
 
     With LF line endings only, the records are found by counting line feeds and quotes in C,
     whatever the size of `data`: no Python step per row, only per reported line. Otherwise
@@ -396,14 +397,15 @@ def _records_at_lf_lines(data: Bytes, first: int, reported: Sequence[int], quote
     """records_at_copy_lines for data with LF line endings only and doubled quotes. COPY counts
     the first record as one line, whatever line feeds its quoted fields hold, and each later
     record as its line feeds: the record at line L > 1 ends with the (L + skew)-th line feed of
-    `data`, skew being the first record's line feeds less one. Two passes of `bytes.count` up
-    to the last line reported (line feeds, and quotes to be sure each end is a record's), and a
-    few steps per line."""
+    `data`, skew being the first record's line feeds less one. One pass of `bytes.count` up to
+    the last line reported, and a few steps per line. The line feed found is taken for a
+    record's end, as it is for a line COPY names: the caller checks the record against what
+    the server said of it."""
     first_end = RecordSyntax(quote, quote, b"\n").record_end(data, 0, 0)
     skew = data.count(b"\n", 0, first_end) - 1
     sample = min(len(data), 1 << 16)
     line_bytes = sample / max(1, data.count(b"\n", 0, sample))
-    pos, seen = 0, 0  # data[:pos], which ends at a record end, holds `seen` line feeds
+    pos, seen = 0, 0  # data[:pos] holds `seen` line feeds
     found: list[tuple[int, bytes]] = []
     for line in reported:
         if line == 1:
@@ -420,8 +422,6 @@ def _records_at_lf_lines(data: Bytes, first: int, reported: Sequence[int], quote
             if n != ended + 1 or data.endswith(b"\n"):
                 return None
             end = len(data)
-        if data.count(quote, pos, end) & 1:  # inside a quoted field: not a record's end
-            return None
         start = data.rfind(b"\n", 0, end - 1) + 1
         while data.count(quote, start, end) & 1:  # a line break inside quotes: not the record's start
             if start == 0:

@@ -51,6 +51,7 @@ BAD_VALUES = [
     b'"{i}","1","1.00","2024-01-01","ma""ybe","quoted, with a doubled quote"',
     b'{i},1,1.00,2024-01-0x,t,"a bad date in a record\nof two lines"',
     b"{i}," + b"9" * 150 + b",1.00,2024-01-01,t,a value longer than a notice shows",
+    b"{i},1,1.00,2024-01-01," + "é".encode() * 60 + b",a value of more bytes than a notice shows",
 ]
 # What ON_ERROR does not cover: the COPY is refused, the batch is isolated the old way.
 BAD_ROWS = [

@@ -85,9 +85,7 @@ def test_the_records_found_for_the_lines_of_skipped_rows_are_those_postgresql_co
     chosen = sorted(data.draw(st.sets(st.sampled_from(range(len(split))))))
     expected = [(split.lines[i], bytes(split.bare(i))) for i in chosen]
     assert records_at_copy_lines(body, 2, [lines[i] for i in chosen], dialect) == expected
-    stray = data.draw(st.integers(1, max(lines.values()) + 2))
-    if stray not in lines.values():
-        assert records_at_copy_lines(body, 2, [stray], dialect) is None
+    assert records_at_copy_lines(body, 2, [max(lines.values()) + 1], dialect) is None
 
 
 values = st.lists(st.one_of(st.none(), st.text(alphabet='ab,"\n é', max_size=6)), min_size=1, max_size=6)
