@@ -18,6 +18,7 @@ as on older servers.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -32,8 +33,9 @@ from .records import RecordSyntax, records_at_copy_lines, split_fields
 from .rejects import Reject
 
 # Client-only encodings in which a byte of a multibyte character may look like an ASCII
-# delimiter or quote: COPY reads them with care that split_fields does not take.
-_EMBEDS_ASCII = frozenset({"SJIS", "SHIFT_JIS_2004", "BIG5", "GBK", "UHC", "GB18030", "JOHAB"})
+# delimiter or quote: COPY reads them with care that split_fields does not take. (Names as
+# PostgreSQL compares them: lower case, letters and digits only.)
+_EMBEDS_ASCII = frozenset({"sjis", "shiftjis2004", "big5", "gbk", "uhc", "cp949", "gb18030", "johab"})
 
 
 # In each batch's transaction: a role or database set to hear less than notices would
@@ -47,7 +49,7 @@ def usable(server_version: tuple[int, ...], dialect: CsvDialect) -> bool:
     return (
         tuple(server_version[:1]) >= (17,)
         and RecordSyntax.of(dialect).parity
-        and dialect.pg_encoding.upper() not in _EMBEDS_ASCII
+        and re.sub(r"[^a-z0-9]", "", dialect.pg_encoding.lower()) not in _EMBEDS_ASCII
     )
 
 

@@ -17,6 +17,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 
 from helpers import Db, batches_of, read_rejects, server_major, sink_for, write_rows
+from loader.onerror import usable
+from loader.options import CsvDialect
 from loader.sink import Outcome, Writing
 
 TABLE = """
@@ -286,3 +288,13 @@ def test_where_the_server_refuses_on_error_batches_load_as_without_it(db: Db, tm
         (i + 1, "22P02", 'column id: invalid input syntax for type integer: "x"', b"x,n%d" % i) for i in (4, 8, 12, 16, 20)
     ]
     assert db.value("SELECT count(*) FROM t") == 15
+
+
+def test_on_error_is_asked_only_where_the_loader_counts_lines_as_copy_does() -> None:
+    """ON_ERROR goes to PostgreSQL 17 and later, for files whose records the loader cuts into
+    lines and values as COPY does: not with a custom --escape, nor in an encoding whose
+    characters may hold bytes that look like a delimiter or a quote."""
+    assert usable((17, 0), CsvDialect()) and usable((18, 1), CsvDialect(escape='"', encoding="latin-1"))
+    assert not usable((16, 9), CsvDialect())
+    assert not usable((18, 1), CsvDialect(escape="\\"))
+    assert not usable((18, 1), CsvDialect(encoding="shift_jis")) and not usable((18, 1), CsvDialect(encoding="cp949"))
