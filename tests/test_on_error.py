@@ -111,8 +111,9 @@ def rows_alone(db: Db, records: list[bytes]) -> None:
 def test_bad_values_and_constraint_errors_give_the_same_rejects_file_either_way(db: Db, tmp_path: Path) -> None:
     """Values of the wrong type (integer, numeric overflow, date, boolean, invalid UTF-8) mixed
     with NOT NULL, CHECK, unique and field-count errors in the same batches: the rejects file
-    is the same, byte for byte, whether the server skipped the bad values or the loader isolated
-    them (--no-copy-on-error); and the table holds what a COPY of each record alone loads."""
+    is the same, byte for byte but for the load's id, whether the server skipped the bad values
+    or the loader isolated them (--no-copy-on-error); and the table holds what a COPY of each
+    record alone loads."""
     db.sql(TABLE)
     records = mixed_file(tmp_path / "items.csv")
     command = ("import", "items.csv", "-t", "items", "--workers", "1", "--batch-size", "40", "--json")
