@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shlex
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -19,6 +20,8 @@ import asyncpg
 from . import sql
 from .errors import TryAgainLater, UsageError, is_transient, server_message
 from .rejects import Reject
+
+log = logging.getLogger("loader")
 
 # What a load needs on the ledger's tables (besides USAGE on its schema), and what `status` needs.
 Grants = tuple[tuple[tuple[str, ...], tuple[str, ...]], ...]  # (tables, privileges on each of them), ...
@@ -238,22 +241,32 @@ class Lease:
 async def take_lease(
     conn: asyncpg.Connection, ledger: Ledger, lease: Lease, wait: float, waiting: Callable[[str], None] | None = None
 ) -> None:
-    """Take the table's lease, waiting up to `wait` s while another load holds it (said once
-    to `waiting`); then TryAgainLater, naming that load."""
+    """Take the table's lease, waiting up to `wait` s while another load holds it (said once,
+    in the log and to `waiting`); then TryAgainLater, naming that load."""
     deadline = time.monotonic() + wait
     said = False
     while not await ledger.take_lease(conn, lease):
-        if waiting is not None and not said and wait:
-            waiting(lease.table)
-            said = True
         if time.monotonic() >= deadline:
-            holder = await ledger.lease_holder(conn, lease)
-            who = ""
-            if holder is not None:
-                load = f"load {holder['load_id']}, " if holder["load_id"] else ""
-                who = f" ({load}{holder['client']}, since {holder['taken_at']:%Y-%m-%d %H:%M:%S %Z})"
             waited = f" after waiting {wait:g} s" if wait else ""
             raise TryAgainLater(
-                f"another load of {lease.table} is running{who}{waited}; try again later, or pass --wait-lock SECONDS"
+                f"another load of {lease.table} is running{await _holder(conn, ledger, lease)}{waited}; "
+                "try again later, or pass --wait-lock SECONDS"
             )
+        if not said:
+            log.warning(
+                "loader: another load of %s is running%s: waiting for it, up to %g s (--wait-lock)",
+                lease.table, await _holder(conn, ledger, lease), wait,
+            )
+            if waiting is not None:
+                waiting(lease.table)
+            said = True
         await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
+
+async def _holder(conn: asyncpg.Connection, ledger: Ledger, lease: Lease) -> str:
+    """The load that holds the table, for a message: ` (load ..., host pid N, since ...)`."""
+    holder = await ledger.lease_holder(conn, lease)
+    if holder is None:
+        return ""
+    load = f"load {holder['load_id']}, " if holder["load_id"] else ""
+    return f" ({load}{holder['client']}, since {holder['taken_at']:%Y-%m-%d %H:%M:%S %Z})"

@@ -28,7 +28,7 @@ import pytest
 
 from data import EVENTS_DDL, EVENTS_HEADER, event_rows, write_csv
 from devserver import LocalCluster
-from helpers import LOADER_SESSIONS, Db, Run, committed_batches, until
+from helpers import LOADER_SESSIONS, Background, Db, Run, committed_batches, until
 from loader import sql
 
 BATCH_GATE = 1
@@ -79,10 +79,8 @@ SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
 
 END_LOADER_SESSIONS = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name LIKE 'loader%'"
 
-WAITING_FOR_THE_TABLE = """
-SELECT count(*) FROM pg_stat_activity
- WHERE application_name LIKE 'loader%' AND query ILIKE '%INSERT INTO "loader".leases%'
-"""
+# What a run waiting for the table (--wait-lock) says once, on stderr.
+WAITING = "waiting for it, up to"
 
 
 class Gates:
@@ -386,15 +384,14 @@ def test_a_second_run_while_one_is_loading_exits_75_or_waits_and_finds_nothing_t
     assert second.code == 75, second.stderr
     assert "another load" in one_line(second) and "is running" in second.stderr
 
-    waiting = db.spawn(*command, "--wait-lock", "120")
-    until(lambda: db.value(WAITING_FOR_THE_TABLE) >= 1)
-    assert waiting.poll() is None
+    waiting = Background(db, *command, "--wait-lock", "120")
+    until(lambda: WAITING in waiting.stderr() or not waiting.running())
+    assert waiting.running(), waiting.stderr()
     gates.open_all()
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err.decode()
-    _, err = waiting.communicate(timeout=300)
-    assert waiting.returncode == 0, err.decode()
-    assert "nothing to do" in err.decode()
+    assert waiting.wait(timeout=300) == 0, waiting.stderr()
+    assert "nothing to do" in waiting.stderr()
     assert db.value("SELECT count(*) FROM loader.loads") == 1
     assert_exact(db, csv, rows)
 
@@ -565,14 +562,13 @@ def test_sigterm_while_waiting_for_the_table_stops_the_run_within_seconds(
     gates.close(BATCH_GATE)
     db.spawn(*command)
     until(lambda: db.value(AT_A_GATE) >= 1)
-    waiting = db.spawn(*command, "--wait-lock", "600")
-    until(lambda: db.value(WAITING_FOR_THE_TABLE) >= 1)
-    waiting.send_signal(signal.SIGTERM)
+    waiting = Background(db, *command, "--wait-lock", "600")
+    until(lambda: WAITING in waiting.stderr() or not waiting.running())
+    waiting.proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 5
-    until(lambda: waiting.poll() is not None or time.monotonic() > deadline, timeout=60)
-    assert waiting.poll() is not None, "still waiting for the table lock 5 s after SIGTERM (--wait-lock 600)"
-    _, err = waiting.communicate()
-    assert waiting.returncode == 1, err.decode()
+    until(lambda: not waiting.running() or time.monotonic() > deadline, timeout=60)
+    assert not waiting.running(), "still waiting for the table lock 5 s after SIGTERM (--wait-lock 600)"
+    assert waiting.wait() == 1, waiting.stderr()
 
 
 def test_a_touched_file_verifies_with_exit_0_like_an_untouched_one(db: Db, tmp_path: Path) -> None:
