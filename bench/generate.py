@@ -25,6 +25,12 @@ CREATE TABLE {name} (
 PK_TABLE_DDL = TABLE_DDL.replace("id          bigint,", "id          bigint PRIMARY KEY,", 1)
 assert PK_TABLE_DDL != TABLE_DDL
 
+# The common target: a primary key and two secondary indexes (statements separated by ";").
+INDEXED_TABLE_DDL = PK_TABLE_DDL + """;
+CREATE INDEX ON {name} (user_id);
+CREATE INDEX ON {name} (created_at)
+"""
+
 HEADER = "id,created_at,user_id,amount,score,active,category,name,note,day\n"
 _WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu", "nu", "xi", "omicron", "pi", "rho", "sigma", "tau"]
 _CATEGORIES = ["books", "music", "garden", "tools", "toys", "food, fresh", "sports", "home"]

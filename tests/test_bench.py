@@ -34,6 +34,12 @@ def test_bench_runs_end_to_end_and_verifies_every_load(db: Db, tmp_path: Path) -
         assert len(result["runs"]) == 1
     assert methods["psql \\copy"]["ratio_to_psql_copy"] == 1.0
     assert report["bad_rows"]["ratio"] > 0 and report["bad_rows_4_workers"]["ratio"] > 0
+    assert len(report["bad_rows"]["targets"]) == 1
+    indexed = {r["method"]: r for r in report["indexed"]["results"]}
+    assert {"psql \\copy", "loader --workers 2", "loader --workers auto", "loader (defaults)"} == indexed.keys()
+    assert all(r["verified"] is True for r in indexed.values()), indexed
+    assert indexed["psql \\copy"]["ratio_to_psql_copy"] == 1.0
+    assert list(report["indexed"]["targets"].values()) in ([True], [False])
     assert "method" in proc.stdout and "loader (defaults)" in proc.stdout
     file_set = report["file_set"]
     assert (file_set["files"], file_set["rows_per_file"]) == (5, 100)
