@@ -45,7 +45,7 @@ from .infer import infer_types, records_of
 from .ledger import Ledger
 from .modes import Upsert, replace_stage_name, replace_stage_statements, stage_for_replace, switch_to_stage, upsert
 from .options import ConnectOptions, CsvDialect, LoadOptions, check_writable
-from .plan import Plan, command_key, mtime, plan
+from .plan import OTHER_RUN, Plan, command_key, mtime, plan
 from .pressure import ReplicaLag, connection_budget, require_monitor
 from .progress import Waits
 from .rejects import REJECTS_SUFFIX, Reject
@@ -186,9 +186,9 @@ class _Load:
             await self.session.lock(target.oid, target.display)
             planned = await plan(conn, self.ledger, options, self.source, target, self.session.holder, self.session.renew)
         report.load_id = planned.load_id
-        if planned.nothing_to_do or planned.elsewhere:
-            report.note = planned.nothing_to_do or planned.elsewhere
-            report.elsewhere = planned.elsewhere is not None
+        if planned.nothing_to_do:
+            report.note, report.elsewhere = planned.nothing_to_do, planned.elsewhere
+            log.info("%s: nothing to do: %s", _shown(options), planned.nothing_to_do)
             return None
         target.note_defaults(columns)
         self.finished = planned.verify_only  # a finished load, only re-read: its state stays as it is
@@ -696,7 +696,7 @@ async def load_set(
         else:
             result.table = report.table  # as the server names it
             state = (
-                "other-run" if report.elsewhere and report.load_id == "" else "skipped" if report.note
+                OTHER_RUN if report.elsewhere == OTHER_RUN else "skipped" if report.note
                 else "loaded-with-rejects" if report.rows_rejected else "loaded"
             )
             outcomes[number] = SourceOutcome(path, state, report, None, report.exit_code)
@@ -726,9 +726,9 @@ async def load_set(
             if stops or (interrupt is not None and interrupt.is_set()):
                 break
             earlier = outcomes.get(number)
-            if earlier is not None and earlier.report is not None and earlier.report.elsewhere:
+            if earlier is not None and earlier.report is not None and earlier.report.elsewhere is not None:
                 await one(number, path, asyncio.Event())
-                if earlier.state == "other-run" and outcomes[number].state in ("other-run", "skipped"):
+                if earlier.state == OTHER_RUN and outcomes[number].state in (OTHER_RUN, "skipped"):
                     outcomes[number] = earlier  # it was (or is being) loaded by that run
     finally:
         for task in running:

@@ -99,8 +99,11 @@ class Plan:
     committed: dict[int, asyncpg.Record]  # batches earlier runs committed: skip them after checking
     verify_only: bool = False  # the load succeeded before: only check that the source is unchanged
     nothing_to_do: str | None = None  # why this run has no work
-    # Another run sharing the file set is loading the source (or its content) now: who, and how.
-    elsewhere: str | None = None
+    elsewhere: str | None = None  # ... OTHER_RUN or SAME_CONTENT: another load has the source now
+
+
+OTHER_RUN = "other-run"  # another run sharing the file set claimed the source (see Ledger.claim)
+SAME_CONTENT = "same-content"  # a load of the same content, under another name, is under way
 
 
 def boundaries(options: LoadOptions) -> dict[str, Any]:
@@ -224,13 +227,15 @@ async def plan(
     if options.command is not None and key is not None:
         other = await ledger.claim(conn, key, holder)
         if other is not None:
-            return Plan("", {}, elsewhere="loaded by another run of this command" + (f" ({other})" if other else ""))
+            by = "loaded by another run of this command" + (f" ({other})" if other else "")
+            return Plan("", {}, nothing_to_do=by, elsewhere=OTHER_RUN)
     size, modified, cut = source.size, mtime(source), boundaries(options)
     content = content_key(options, source, target)
     row = await ledger.latest(conn, key, content) if key or content else None
     if row is not None and not row["same_path"]:  # no load of this path; one of the same content
         if row["live"]:  # told again once it has ended (see pipeline.load_set)
-            return Plan(row["load_id"], {}, elsewhere=f"the same content is being loaded from {row['source']} by load {row['load_id']}")
+            by = f"the same content is being loaded from {row['source']} by load {row['load_id']}"
+            return Plan(row["load_id"], {}, nothing_to_do=by, elsewhere=SAME_CONTENT)
         known = None if options.restart else await _known_content(conn, ledger, options, source, key, row, holder, renew)
         if known is not None:
             return known

@@ -41,7 +41,7 @@ class Report:
     rejects_file: str | None = None
     rejects: list[RejectNote] = field(default_factory=list)
     note: str | None = None  # why this run had nothing to do
-    elsewhere: bool = False  # ... another load was loading the source (or its content) at the time
+    elsewhere: str | None = None  # ... another load had the source, or its content (see plan.OTHER_RUN)
     concurrency: dict[str, int] | None = None  # --workers auto: min, max and final batches in flight
     # The run stopped before the end of the source (a signal, the deadline, --max-errors, a
     # failure): what it committed stays, and the same command run again resumes the load.

@@ -179,3 +179,24 @@ def test_status_shows_every_file_a_run_is_loading_as_running(db: Db, tmp_path: P
     assert states == {"part-00.csv": "succeeded", "part-01.csv": "running", "part-02.csv": "running"}, states
     open_gate(db)
     assert run.wait(timeout=120) == 0, run.stderr()
+
+
+def test_a_copy_in_the_same_set_is_not_loaded_while_its_twin_loads_and_is_skipped_once_it_is_done(
+    db: Db, tmp_path: Path, gate: Any
+) -> None:
+    """A file and a copy of it in one set: while the first one loads, the copy waits for it;
+    once the first is loaded, the copy is skipped, naming it. Every row is in the table once."""
+    db.script(TABLE.replace("FOR EACH ROW", "FOR EACH ROW WHEN (NEW.name = 'twin')"))
+    (tmp_path / "exports").mkdir()
+    write_rows(tmp_path / "exports" / "0.csv", "id,name", [(i, "first") for i in range(100, 200)])  # loads alone
+    twin = write_rows(tmp_path / "exports" / "a.csv", "id,name", [(i, "twin") for i in range(100)])
+    (tmp_path / "exports" / "b.csv").write_bytes(twin.read_bytes())
+    run = Background(db, *COMMAND, "--verbose")
+    until(lambda: "the same content is being loaded from" in run.stderr() or not run.running(), timeout=60)
+    assert run.running(), run.stderr()
+    open_gate(db)
+    assert run.wait(timeout=120) == 0, run.stderr()
+    states = {s["source"]: s["state"] for s in report(run)["sources"]}
+    assert states == {"exports/0.csv": "loaded", "exports/a.csv": "loaded", "exports/b.csv": "skipped"}, states
+    assert "the same content was loaded from" in run.stderr()
+    assert db.value("SELECT count(*) FROM t") == 200
