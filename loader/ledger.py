@@ -224,7 +224,7 @@ class Ledger:
 
 @dataclass(frozen=True)
 class Lease:
-    """A run's claim on its target table: one load per table at a time (see sql.TAKE_LEASE).
+    """A run's claim on its target table: one command per table at a time (see sql.TAKE_LEASE).
     `direct`: the run's session is its own server session (no pooler), so its end frees the
     table at once; else only the expiry, `seconds` after the last renewal, does. `command`:
     runs of the same command share the table (see plan.command_key); None: no other run."""
