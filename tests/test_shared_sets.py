@@ -57,10 +57,15 @@ def gate(db: Db) -> Iterator[subprocess.Popen[bytes]]:
         [psql, "-X", "-q", "-d", db.dsn, "-c", f"SELECT pg_advisory_lock({GATE})", "-c", "SELECT pg_sleep(600)"],
         env={**os.environ, "PGAPPNAME": "gate"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    until(lambda: db.value("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = $1 AND granted", GATE) == 1)
+    until(lambda: gate_locks(db, granted=True) == 1)
     yield held
     open_gate(db)
     held.wait(timeout=30)
+
+
+def gate_locks(db: Db, granted: bool) -> int:
+    """The gate's lock as held (the test's), or as waited for (a batch each)."""
+    return int(db.value("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = $1 AND granted = $2", GATE, granted))
 
 
 def open_gate(db: Db) -> None:
@@ -170,8 +175,7 @@ def test_status_shows_every_file_a_run_is_loading_as_running(db: Db, tmp_path: P
     db.script(TABLE.replace("FOR EACH ROW", "FOR EACH ROW WHEN (NEW.name <> 'part-00.csv')"))
     exports(tmp_path)
     run = Background(db, *COMMAND)
-    until(lambda: db.value("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = $1 AND NOT granted", GATE) == 2
-          or not run.running(), timeout=60)
+    until(lambda: gate_locks(db, granted=False) == 2 or not run.running(), timeout=60)
     assert run.running(), run.stderr()
     shown = db.loader("status", "--json")
     assert shown.code == 0, shown.stderr
