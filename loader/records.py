@@ -492,13 +492,18 @@ def split_fields(record: Bytes, dialect: CsvDialect) -> list[str | None] | None:
 def holds_end_marker(data: bytes | bytearray, newline: bytes) -> bool:
     """Whether `data` may hold a line of only \\. (COPY's end-of-data marker before
     PostgreSQL 18, which ends the COPY there): a batch that does goes straight to isolation,
-    where the COPY's row count finds the line. In C (find), no step per row; an occurrence
-    inside a quoted field only costs that batch the fast path."""
-    at = data.find(b"\\.")
+    where the COPY's row count finds the line. In C (find), no step per row: the search is
+    for a line end followed by \\., which is rare where \\. alone is not (decimals); an
+    occurrence inside a quoted field only costs that batch the fast path."""
+    ends = newline[-1:]  # what a line's start follows, CRLF included
+    at = 0 if data.startswith(b"\\.") else -1
+    if at < 0:
+        at = data.find(ends + b"\\.")
+        at = at + 1 if at >= 0 else -1
     while at >= 0:
-        if at == 0 or data[at - 1] == newline[0]:
-            rest = bytes(data[at + 2 : at + 4])
-            if not rest or rest.startswith(newline) or rest in (b"\r", b"\r\n"):
-                return True
-        at = data.find(b"\\.", at + 2)
+        rest = bytes(data[at + 2 : at + 4])
+        if not rest or rest.startswith(newline) or rest in (b"\r", b"\r\n"):
+            return True
+        at = data.find(ends + b"\\.", at + 2)
+        at = at + 1 if at >= 0 else -1
     return False
