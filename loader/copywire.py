@@ -5,8 +5,9 @@ which record the server blamed. The one module that touches asyncpg's private `_
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable
 
 import asyncpg
 
@@ -39,7 +40,8 @@ def copy_options(dialect: CsvDialect, skip_bad_values: bool = False) -> dict[str
     return options
 
 
-def copy_statement(schema: str, table: str, columns: Sequence[str], dialect: CsvDialect, skip_bad_values: bool = False) -> str:
+@functools.lru_cache(maxsize=64)  # a file set's loads each make the same
+def copy_statement(schema: str, table: str, columns: tuple[str, ...], dialect: CsvDialect, skip_bad_values: bool = False) -> str:
     return sql.copy_from_stdin(schema, table, columns, copy_options(dialect, skip_bad_values))
 
 

@@ -6,6 +6,7 @@ Validation happens here, once, so a bad combination fails before any connection 
 from __future__ import annotations
 
 import codecs
+import functools
 import math
 import os
 import re
@@ -34,6 +35,11 @@ _PG_MAX_MS = 2_147_483_647  # statement_timeout and lock_timeout are int millise
 # koi8_r, ...) match once PostgreSQL drops punctuation, and cp125x become WIN125x.
 _PG_ENCODING_NAMES = {"ascii": "SQL_ASCII", "shift_jis": "SJIS", "cp932": "SJIS"}
 _PYTHON_CODECS = {"sjis": "shift_jis", "sqlascii": "ascii", "koi8r": "koi8_r", "koi8u": "koi8_u"}  # PostgreSQL's names Python does not know
+
+
+@functools.cache
+def _pg_encoding(python_name: str) -> str:
+    return _PG_ENCODING_NAMES.get(python_name) or re.sub(r"^cp(125\d)$", r"WIN\1", python_name)
 
 
 def _lookup(encoding: str) -> codecs.CodecInfo:
@@ -110,7 +116,7 @@ def check_dsn(dsn: str) -> None:
         raise UsageError(f"--dsn is not a valid PostgreSQL URL ({reason})") from None
 
 
-def check_writable(path: Path, option: str) -> None:
+def check_writable(path: Path, option: str, folders_checked: set[Path] | None = None) -> None:
     """The rejects and metrics writers create a temp file in the target's folder and rename it
     over the target, after the load: the same steps are tried here first, so that a path they
     cannot write is a usage error before anything is loaded. An existing directory, or a
@@ -130,12 +136,16 @@ def check_writable(path: Path, option: str) -> None:
         raise UsageError(f"{option} {path}: no such directory {folder}")
     if not folder.is_dir():
         raise UsageError(f"{option} {path}: {folder} is not a directory")
+    if folders_checked is not None and folder in folders_checked:
+        return
     try:
         fd, tmp = tempfile.mkstemp(prefix=".loader-check-", dir=folder)
     except OSError as exc:
         raise UsageError(f"{option} {path}: cannot create a file in {folder} ({exc.strerror})") from None
     os.close(fd)
     os.unlink(tmp)
+    if folders_checked is not None:
+        folders_checked.add(folder)
 
 
 @dataclass(frozen=True)
@@ -186,8 +196,7 @@ class CsvDialect:
     @property
     def pg_encoding(self) -> str:
         """The name PostgreSQL knows this encoding by (it ignores case and punctuation)."""
-        name = self.python_encoding
-        return _PG_ENCODING_NAMES.get(name) or re.sub(r"^cp(125\d)$", r"WIN\1", name)
+        return _pg_encoding(self.python_encoding)
 
     @property
     def ascii_compatible(self) -> bool:

@@ -547,6 +547,7 @@ class Shared:
         self.application_name: str | None = None
         self.not_created: str | None = None  # --create --dry-run: the table is not there to load into
         self.checked: dict[tuple[str, ...], Upsert | None] = {}  # columns checked, and their upsert
+        self.writable: set[Path] = set()  # rejects folders a file can be created in
         self.on_retry: Callable[[BaseException], None] = lambda exc: None  # the running load's
 
     @contextlib.asynccontextmanager
@@ -584,16 +585,15 @@ async def load(
     load cleanly: no new batch starts, in-flight ones finish, the load is marked interrupted.
     `on_start` receives the live report (for progress displays)."""
     started = time.monotonic()
-    check_writable(_rejects_path(options), "--rejects")  # found now, not after the load
+    # Found now, not after the load (a file set's folders once).
+    check_writable(_rejects_path(options), "--rejects", shared.writable if shared is not None else None)
     source = open_source(options.source)
     try:
         batcher = Batcher.of_load(source, options)
         header_fields = None
-        if options.dialect.header:
-            record = await asyncio.to_thread(batcher.read_header)
-            header_fields = parse_header(record, options.dialect, _shown(options)) if record is not None else None
-        else:
-            await asyncio.to_thread(batcher.start)  # the line ending, before any batch is sent
+        record = await asyncio.to_thread(_begin_reading, source, batcher, options.dialect.header)
+        if record is not None:
+            header_fields = parse_header(record, options.dialect, _shown(options))
         report = Report(
             source=_shown(options), table=options.table, load_id="", workers=options.workers, mode=options.mode,
             dry_run=options.dry_run,
@@ -644,6 +644,16 @@ async def load(
         source.close()
     report.elapsed_s = time.monotonic() - started
     return report
+
+
+def _begin_reading(source: Source, batcher: Batcher, header: bool) -> bytes | None:
+    """In a thread: the header record (or, without one, the line ending, before any batch is
+    sent), and the file's fingerprint, which the plan needs."""
+    source.fingerprint()
+    if header:
+        return batcher.read_header()
+    batcher.start()
+    return None
 
 
 LANES = 2  # the files of a set in flight at once: the next one starts while one ends

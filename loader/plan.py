@@ -27,7 +27,6 @@ from .target import Target
 
 log = logging.getLogger("loader")
 
-FINGERPRINT_BLOCK = 64 * 1024
 RENEW_CHECK_S = 0.5  # while a file is read through: how often to see whether the lease is due
 
 
@@ -151,8 +150,20 @@ def load_key(options: LoadOptions, source: Source, target: Target) -> str | None
     elif source.is_stdin:
         return None
     else:
-        identity = "file:" + os.path.realpath(source.name)
+        identity = "file:" + _real_path(source)
     return hashlib.sha256(f"{identity}{_mode(options)}\0{target.oid}".encode()).hexdigest()[:32]
+
+
+def _real_path(source: Source) -> str:
+    """The opened file's path, every symbolic link resolved: on Linux the kernel has it (one
+    readlink, where os.path.realpath takes a system call per component of the path)."""
+    try:
+        link = os.readlink(f"/proc/self/fd/{source.raw.fileno()}")
+    except (OSError, ValueError):
+        link = ""
+    if link.startswith("/") and not link.endswith(" (deleted)"):
+        return link
+    return os.path.realpath(source.name)
 
 
 def _mode(options: LoadOptions) -> str:
@@ -163,20 +174,16 @@ def _mode(options: LoadOptions) -> str:
 
 
 def content_key(options: LoadOptions, source: Source, target: Target) -> str | None:
-    """The file's content as stored (a compressed file's compressed bytes): its size and its
-    first and last FINGERPRINT_BLOCK bytes, with the table and the mode. A file renamed,
-    moved, copied or hard-linked has the same; whether it is the same is then checked batch
-    by batch (see same_batches). None when the load goes by a name (--load-name, stdin, a
-    rejects file being retried)."""
-    if options.load_name is not None or source.is_stdin or options.shown_as is not None or source.stat is None:
+    """The file's content as stored (see Source.fingerprint), with the table and the mode. A
+    file renamed, moved, copied or hard-linked has the same; whether it is the same is then
+    checked batch by batch (see same_batches). None when the load goes by a name
+    (--load-name, stdin, a rejects file being retried)."""
+    if options.load_name is not None or options.shown_as is not None:
         return None
-    size = source.stat[0]  # as opened, which check_unchanged holds it to
-    try:  # from the open file, wherever its reader is
-        head = os.pread(source.raw.fileno(), FINGERPRINT_BLOCK, 0)
-        tail = os.pread(source.raw.fileno(), FINGERPRINT_BLOCK, max(size - FINGERPRINT_BLOCK, 0))
-    except (OSError, ValueError):
+    fingerprint = source.fingerprint()
+    if fingerprint is None:
         return None
-    digest = hashlib.sha256(f"{size}\0".encode() + head + b"\0" + tail)
+    digest = fingerprint.copy()
     digest.update(f"{_mode(options)}\0{target.oid}".encode())
     return digest.hexdigest()[:32]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import hashlib
 import io
 import lzma
 import os
@@ -20,7 +21,7 @@ import tempfile
 import threading
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO, cast
 
 from .errors import BadSource, LoaderError, SourceFailed, TryAgainLater
@@ -53,6 +54,8 @@ _MAGIC_BYTES = max(len(c.magic) for c in CODECS)
 # What a broken stream raises, by codec or around it.
 _CORRUPT = (EOFError, gzip.BadGzipFile, zlib.error, lzma.LZMAError, zstd.ZstdError)
 
+FINGERPRINT_BLOCK = 64 * 1024  # what identifies a file by its content, at each end
+
 
 def _codec(head: bytes) -> Codec | None:
     return next((c for c in CODECS if head.startswith(c.magic)), None)
@@ -70,6 +73,7 @@ class Source:
     path: str | None = None  # what to read again to verify it (a spooled copy for gzip on stdin)
     stat: tuple[int, int] | None = None  # (size, mtime in ns) when opened, for a regular file
     spooled: bool = False  # `path` is our temporary copy, removed on close
+    _fingerprint: hashlib._Hash | None = field(default=None, repr=False)
 
     @property
     def is_stdin(self) -> bool:
@@ -87,6 +91,21 @@ class Source:
             return max(self.stat[0] - self.stream.tell(), 0)
         except (OSError, ValueError):
             return None
+
+    def fingerprint(self) -> hashlib._Hash | None:
+        """A hash of the file as stored (a compressed file's compressed bytes): its size and
+        its first and last FINGERPRINT_BLOCK bytes, read from the open file wherever its reader
+        is. Computed once (reading the header primes it, off the event loop); None for a
+        stream, or a file that cannot be read at those places."""
+        if self._fingerprint is None and self.stat is not None and not self.is_stdin:
+            size = self.stat[0]  # as opened, which check_unchanged holds it to
+            try:
+                head = os.pread(self.raw.fileno(), FINGERPRINT_BLOCK, 0)
+                tail = os.pread(self.raw.fileno(), FINGERPRINT_BLOCK, max(size - FINGERPRINT_BLOCK, 0))
+            except (OSError, ValueError):
+                return None
+            self._fingerprint = hashlib.sha256(f"{size}\0".encode() + head + b"\0" + tail)
+        return self._fingerprint
 
     def close(self) -> None:
         self.stream.close()
