@@ -79,7 +79,7 @@ class _Tally:
 
 
 @contextlib.asynccontextmanager
-async def _connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+async def batch_connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
     """A pooled connection for one attempt at a batch. When the server ends a connection just
     as a COPY completes, asyncpg reads the FATAL while idle and its next call fails on the
     client ("cannot switch to state 15; another operation (2) is in progress"), and the
@@ -104,7 +104,7 @@ async def _connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
 
 
 @contextlib.asynccontextmanager
-async def _transaction(conn: asyncpg.Connection, begin: str) -> AsyncIterator[None]:
+async def batch_transaction(conn: asyncpg.Connection, begin: str) -> AsyncIterator[None]:
     """One batch's transaction: committed when the block ends, rolled back when it raises
     (where the connection still can; a broken one is dropped by the pool, and the server
     rolls back what it had)."""
@@ -236,7 +236,7 @@ class Sink:
         the load's one connection and transaction, with a savepoint for the batch (the batches
         before it stay, as they would have been committed)."""
         if not self._writing.dry_run:
-            async with _connection(self._pool) as conn, _transaction(conn, self._begin):
+            async with batch_connection(self._pool) as conn, batch_transaction(conn, self._begin):
                 yield conn
             return
         if self._shared is None:
