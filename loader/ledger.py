@@ -58,6 +58,11 @@ class Ledger:
         self._release_lease_sql = sql.render(sql.RELEASE_LEASE, schema=schema)
         self._lease_holder_sql = sql.render(sql.LEASE_HOLDER, schema=schema)
         self._claim_sql = sql.render(sql.CLAIM_SOURCE, schema=schema)
+        self._claim_many_sql = sql.render(sql.CLAIM_SOURCES, schema=schema)
+        self._known_sql = sql.render(sql.KNOWN_SOURCES, schema=schema)
+        self._start_small_sql = sql.render(sql.START_SMALL_LOADS, schema=schema)
+        self.finish_small_sql = sql.render(sql.FINISH_SMALL_LOADS, schema=schema)
+        self._batches_present_sql = sql.render(sql.BATCHES_PRESENT, schema=schema)
 
     async def ensure(self, conn: asyncpg.Connection) -> None:
         """Create the ledger if it is missing (serialised, so concurrent first loads do not race),
@@ -133,9 +138,11 @@ class Ledger:
         """A load's table and the options it keeps (see plan.copy_options)."""
         return await conn.fetchrow(self._load_options_sql, load_id)
 
-    async def latest(self, conn: asyncpg.Connection, load_key: str | None, content_key: str | None) -> asyncpg.Record | None:
+    async def latest(
+        self, conn: asyncpg.Connection, load_key: str | None, content_key: str | None, holder: str
+    ) -> asyncpg.Record | None:
         """The latest load of the same path, else of the same content (see sql.LATEST_LOAD)."""
-        return await conn.fetchrow(self._latest_sql, load_key, content_key)
+        return await conn.fetchrow(self._latest_sql, load_key, content_key, holder)
 
     async def rename_source(self, conn: asyncpg.Connection, load_id: str, load_key: str | None, source: str) -> None:
         await conn.execute(self._rename_source_sql, load_id, load_key, source)
@@ -206,6 +213,29 @@ class Ledger:
         loading it (its host and process, or "" if it has just changed hands)."""
         row = await conn.fetchrow(self._claim_sql, load_key, holder)
         return None if row["claimed"] else str(row["client"] or "")
+
+    async def claim_many(self, conn: asyncpg.Connection, load_keys: Sequence[str], holder: str) -> set[str]:
+        """Take several sources of a shared file set at once (see claim): the keys taken."""
+        rows = await conn.fetch(self._claim_many_sql, sorted(load_keys), holder)
+        return {row["load_key"] for row in rows}
+
+    async def known(self, conn: asyncpg.Connection, keys: Sequence[tuple[str | None, str | None]]) -> set[int]:
+        """Which of the sources, by (load key, content key), a load has had: their indexes."""
+        rows = await conn.fetch(self._known_sql, [k for k, _ in keys], [c for _, c in keys])
+        return {row["i"] - 1 for row in rows}
+
+    async def start_small(
+        self, conn: asyncpg.Connection, loads: Sequence[tuple[str, str | None, str, int, float | None, str | None]],
+        target: str, boundaries: dict[str, Any], holder: str,
+    ) -> None:
+        """Start loads of small sources (see sql.START_SMALL_LOADS): (load id, load key, source,
+        size, mtime, content key) each."""
+        columns = list(zip(*loads, strict=True))
+        await conn.execute(self._start_small_sql, *map(list, columns), target, json.dumps(boundaries), holder)
+
+    async def batches_present(self, conn: asyncpg.Connection, load_ids: Sequence[str]) -> int:
+        """How many of these loads have a batch in the ledger."""
+        return int(await conn.fetchval(self._batches_present_sql, list(load_ids)))
 
     async def finish(
         self,

@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 import asyncpg
@@ -52,6 +52,8 @@ from .rejects import REJECTS_SUFFIX, Reject
 from .report import Report, SetReport, SourceOutcome
 from .session import ControlSession
 from .sink import Sink, Writing
+from .smallfiles import SmallFiles
+from .smallfiles import usable as small_files_usable
 from .source import Source, open_source
 from .sql import MERGE_WORK_MEM, analyze
 from .stop import Deadline, ReplicaWatch, Stop, Watcher, on_interrupt, unless_interrupted
@@ -566,6 +568,33 @@ class Shared:
         self.on_retry = on_retry
         yield self.session
 
+    async def small_files(
+        self, options: LoadOptions, sources: Sequence[str], loaded: Callable[[int, str, Report], None],
+        on_start: Callable[[Report], None] | None,
+    ) -> SmallFiles | None:
+        """Groups for the set's small files, once its first load found the table, checked its
+        columns and took the table (None until then)."""
+        session, target = self.session, self.target
+        if session is None or session.lease is None or target is None or not self.checked or self.workers is None:
+            return None
+        first = uuid.uuid4().hex  # the first small file's load, if no load of the set named its sessions
+        if self.application_name is None:
+            self.application_name = f"{options.application_name} {first}"[:63]
+        if self.pool is None:
+            self.pool = await open_pool(
+                options, self.workers, self.application_name, self.on_retry, lazy=options.auto_workers, pooled=session.pooled,
+            )
+        columns = next(iter(self.checked))
+
+        def columns_of(header: list[str] | None) -> tuple[str, ...]:
+            return _columns(options, target, header)
+
+        progress = Report(source="small files, several to a transaction", table=target.display, load_id="", workers=self.workers)
+        return SmallFiles(
+            options, sources, session, self.pool, target, columns, columns_of, self.workers, loaded,
+            (self.application_name, first), progress, on_start,
+        )
+
     async def close(self) -> None:
         if self.pool is not None:
             await self.pool.close()
@@ -712,13 +741,52 @@ async def load_set(
             outcomes[number] = SourceOutcome(path, state, report, None, report.exit_code)
 
     running: set[asyncio.Task[None]] = set()
-    try:
-        for number, path in enumerate(files.sources):
+    small: SmallFiles | None = None
+    grouping = small_files_usable(options)
+
+    def loaded_small(number: int, path: str, report: Report) -> None:
+        result.table = report.table
+        outcomes[number] = SourceOutcome(path, "loaded", report, None, report.exit_code)
+
+    def stopping() -> bool:
+        return bool(stops) or (interrupt is not None and interrupt.is_set())
+
+    async def guarded(step: Awaitable[bool | None]) -> bool:
+        """A step of the small files' groups; its failure stops the run (a group that did not
+        commit leaves its files to the next run)."""
+        try:
+            return bool(await step)
+        except LoaderError as exc:
+            stop = exc
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            reason = server_message(exc) or type(exc).__name__
+            stop = TryAgainLater(f"stopped by a transient failure ({reason}); run the same command again to resume")
+        log.error("loader: error: %s", stop.message)
+        stops.append(stop)
+        return False
+
+    async def offer(number: int, path: str) -> bool:
+        nonlocal small
+        if small is None:
+            small = await shared.small_files(options, files.sources, loaded_small, on_start)
+        return small is not None and await small.offer(number, path)
+
+    async def in_lanes(numbered: Sequence[tuple[int, str]]) -> None:
+        """Load each file in order; once the set's first file has found the table, small new
+        files go in groups (see smallfiles.py), the others the usual way."""
+        nonlocal running
+        for number, path in numbered:
             while len(running) >= (lanes if number > 1 else 1):
                 done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     task.result()  # a bug in a load is not a file's failure: it ends the run
-            if stops or (interrupt is not None and interrupt.is_set()):
+            if stopping():
+                break
+            if grouping and number > 0 and await guarded(offer(number, path)):
+                continue
+            if stopping():
                 break
             read = asyncio.Event()
             task = asyncio.create_task(one(number, path, read))
@@ -728,6 +796,22 @@ async def load_set(
             waiting = asyncio.ensure_future(read.wait())
             await asyncio.wait({task, waiting}, return_when=asyncio.FIRST_COMPLETED)
             waiting.cancel()
+        if small is not None and not stopping():
+            await guarded(small.flush())
+
+    try:
+        await in_lanes(list(enumerate(files.sources)))
+        # The files the groups did not take load the usual way, meanwhile, as they are told;
+        # the groups in flight commit even if the run stops.
+        while small is not None:
+            declined = small.take_declined()
+            if declined and not stopping():
+                grouping = False
+                await in_lanes(declined)
+                continue
+            if not small.busy:
+                break
+            await guarded(small.wait())  # then what those declined, if the run goes on
         if running:
             await asyncio.gather(*running)
         # Sources another load had at the time, once more: a run of the same command that died
@@ -744,6 +828,8 @@ async def load_set(
         for task in running:
             task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
+        if small is not None:
+            await small.cancel()
         await shared.close()
         result.elapsed_s = time.monotonic() - started
     result.sources = [outcomes.get(n) or SourceOutcome(path, "not-started") for n, path in enumerate(files.sources)]

@@ -238,7 +238,7 @@ async def plan(
             return Plan("", {}, nothing_to_do=by, elsewhere=OTHER_RUN)
     size, modified, cut = source.size, mtime(source), boundaries(options)
     content = content_key(options, source, target)
-    row = await ledger.latest(conn, key, content) if key or content else None
+    row = await ledger.latest(conn, key, content, holder) if key or content else None
     if row is not None and not row["same_path"]:  # no load of this path; one of the same content
         if row["live"]:  # told again once it has ended (see pipeline.load_set)
             by = f"the same content is being loaded from {row['source']} by load {row['load_id']}"
@@ -268,6 +268,9 @@ async def plan(
         return Plan(load_id, {})
     assert decision.load_id is not None
     if decision.action is Action.NOTHING:
+        if options.command is not None and row is not None and row["other_run"]:  # while this run ran
+            by = f"loaded by another run of this command (load {decision.load_id})"
+            return Plan(decision.load_id, {}, nothing_to_do=by, elsewhere=OTHER_RUN)
         return Plan(decision.load_id, {}, nothing_to_do=decision.note)
     committed = await ledger.committed_batches(conn, decision.load_id)
     if decision.action is Action.VERIFY:

@@ -137,13 +137,16 @@ VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9)
 
 # The latest load of the same file, to resume, verify, skip or start anew: of the same path
 # ($1, the load key) if any, else of the same content ($2, the content key). `live`: a run
-# (this one, or another sharing the table) is loading it now.
+# (this one, or another sharing the table) is loading it now. `other_run`: another run than
+# this one ($3) began it after this one took the table (two runs sharing a set).
 LATEST_LOAD = """
 SELECT load_id, state, source, source_size, source_mtime, started_at, finished_at, runs, boundaries::text AS boundaries,
        coalesce(load_key = $1, false) AS same_path,
        state = 'running' AND EXISTS (
            SELECT FROM {schema}.leases l WHERE l.holder = d.holder AND """ + LEASE_LIVE.format(alias="l") + """
-       ) AS live
+       ) AS live,
+       coalesce(d.holder <> $3::text AND d.started_at >= (
+           SELECT min(taken_at) FROM {schema}.leases WHERE holder = $3::text), false) AS other_run
   FROM {schema}.loads d WHERE load_key = $1 OR content_key = $2
  ORDER BY coalesce(load_key = $1, false) DESC, started_at DESC LIMIT 1
 """
@@ -230,6 +233,59 @@ SELECT EXISTS (SELECT FROM claimed) AS claimed,
        (SELECT l.client FROM {schema}.claims c JOIN {schema}.leases l ON l.holder = c.holder
          WHERE c.load_key = $1 LIMIT 1) AS client
 """
+
+# The same for many sources at once ($1 their load keys, in one order for every run, so that
+# two runs claiming overlapping sets take their rows in the same order): the keys claimed.
+CLAIM_SOURCES = """
+INSERT INTO {schema}.claims AS c (load_key, holder, claimed_at)
+SELECT k, $2, clock_timestamp() FROM unnest($1::text[]) AS k
+ON CONFLICT (load_key) DO UPDATE SET holder = EXCLUDED.holder, claimed_at = EXCLUDED.claimed_at
+ WHERE c.holder = EXCLUDED.holder OR NOT EXISTS (
+       SELECT FROM {schema}.leases l WHERE l.holder = c.holder AND """ + LEASE_LIVE.format(alias="l") + """)
+RETURNING load_key
+"""
+
+# Which of many sources ($1 load keys, $2 content keys, in pairs) some load has had, by path
+# or by content: their positions (1-based). The others are new.
+KNOWN_SOURCES = """
+SELECT k.i FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(load_key, content_key, i)
+ WHERE EXISTS (SELECT FROM {schema}.loads d WHERE d.load_key = k.load_key OR d.content_key = k.content_key)
+"""
+
+# Small new sources loaded several to a transaction (see smallfiles.py). Each is a load of
+# its own, started (committed, so that other runs and status see it) before its group's
+# transaction; $1-$6 one array per column, a source an element of each, in the set's order.
+START_SMALL_LOADS = """
+INSERT INTO {schema}.loads
+       (load_id, load_key, target_table, source, source_size, source_mtime, boundaries, content_key, holder, started_at)
+SELECT load_id, load_key, $7, source, size, mtime, $8::jsonb, content_key, $9, clock_timestamp()
+  FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::float8[], $6::text[])
+       AS f(load_id, load_key, source, size, mtime, content_key)
+"""
+
+# ... and in the transaction that COPYed them, each with its one batch, finished. Nothing
+# written, and 0 back, when the table's name ($7) has come to mean another table ($8).
+FINISH_SMALL_LOADS = """
+WITH files AS (
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::text[])
+             AS f(load_id, rows, first_line, byte_offset, byte_length, checksum)
+     WHERE to_regclass($7::text)::oid = $8::oid
+), batch AS (
+    INSERT INTO {schema}.batches (load_id, batch_no, first_line, byte_offset, byte_length, rows_loaded, checksum)
+    SELECT load_id, 1, first_line, byte_offset, byte_length, rows, checksum FROM files
+    RETURNING load_id, rows_loaded
+), done AS (
+    UPDATE {schema}.loads l
+       SET state = 'succeeded', finished_at = clock_timestamp(), message = NULL,
+           rows_read = b.rows_loaded, rows_loaded = b.rows_loaded, rows_rejected = 0
+      FROM batch b WHERE l.load_id = b.load_id
+    RETURNING true
+)
+SELECT count(*) FROM done
+"""
+
+# Which of these loads committed a batch: a group's commit got through.
+BATCHES_PRESENT = "SELECT count(*) FROM {schema}.batches WHERE load_id = ANY($1::text[])"
 
 # What status shows. The stored states stay as the loader writes them; shown are:
 # - a load stored `running` is live only while the run loading it holds its lease (see

@@ -59,10 +59,19 @@ class Deadline:
 
     async def __call__(self) -> LoaderError:
         await self._sleep(max(0.0, self.at - self._clock()))
-        return TryAgainLater(
-            f"the deadline {datetime.fromtimestamp(self.at).astimezone():%Y-%m-%d %H:%M %Z} came: "
-            "no new batch was started, and the next run resumes the load"
-        )
+        return _deadline_came(self.at)
+
+
+def deadline_passed(at: float) -> LoaderError | None:
+    """--deadline, asked between steps: the error that stops the run once it has come."""
+    return _deadline_came(at) if time.time() >= at else None
+
+
+def _deadline_came(at: float) -> LoaderError:
+    return TryAgainLater(
+        f"the deadline {datetime.fromtimestamp(at).astimezone():%Y-%m-%d %H:%M %Z} came: "
+        "no new batch was started, and the next run resumes the load"
+    )
 
 
 class ReplicaWatch:

@@ -348,3 +348,32 @@ def kill_9(db: Db, proc: subprocess.Popen[bytes]) -> None:
     assert proc.returncode == -signal.SIGKILL
     db.value("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name LIKE 'loader%'")
     until(lambda: db.value(LOADER_SESSIONS) == 0)
+
+
+class Gate:
+    """Holds rows back: a trigger taking advisory lock `key` (shared) waits while a psql
+    session of the test holds it; `open` ends that session, and the rows go on."""
+
+    def __init__(self, db: Db, key: int) -> None:
+        psql = pg_binary("psql")
+        assert psql, "psql holds the gate"
+        self.db, self.key = db, key
+        self.held = subprocess.Popen(
+            [psql, "-X", "-q", "-d", db.dsn, "-c", f"SELECT pg_advisory_lock({key})", "-c", "SELECT pg_sleep(600)"],
+            env={**os.environ, "PGAPPNAME": f"gate {key}"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        until(lambda: self.locks(granted=True) == 1)
+
+    def locks(self, granted: bool) -> int:
+        """The gate's lock as held (the test's), or as waited for (a transaction each)."""
+        return int(self.db.value(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = $1 AND granted = $2", self.key, granted
+        ))
+
+    def open(self) -> None:
+        self.db.value("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1", f"gate {self.key}")
+
+    def close(self) -> None:
+        self.open()
+        self.held.wait(timeout=30)
+

@@ -623,9 +623,9 @@ def test_a_file_set_connects_once_not_once_per_file(db: Db, tmp_path: Path) -> N
 
 
 def test_the_next_file_loads_while_the_one_before_is_still_loading(db: Db, tmp_path: Path) -> None:
-    """Small files do not wait for each other: while a batch of the first file is held up (a
-    trigger holds it until a row of the second file is in the table), the second file loads
-    and commits. Each file is still a load of its own, exactly once."""
+    """Small files do not wait for each other: while a file is held up (a trigger holds it
+    until a row of the next file is in the table), the next file loads and commits, each a
+    batch's worth here (--batch-size 2). Each file is still a load of its own, exactly once."""
     db.script(
         """
         CREATE TABLE t (id bigint, name text);
@@ -648,7 +648,7 @@ def test_the_next_file_loads_while_the_one_before_is_still_loading(db: Db, tmp_p
     write_rows(tmp_path / "parts" / "1.csv", "id,name", [(1, "first"), (2, "first"), (3, "first")])
     write_rows(tmp_path / "parts" / "2.csv", "id,name", [(4, "hold"), (5, "second")])
     write_rows(tmp_path / "parts" / "3.csv", "id,name", [(6, "next file"), (7, "third")])
-    run = db.loader("import", "parts", "-t", "t", "--workers", "2", "--json")
+    run = db.loader("import", "parts", "-t", "t", "--workers", "2", "--batch-size", "2", "--json")
     assert run.code == 0, run.stderr
     assert db.value("SELECT waited FROM seen") is True
     assert states(file_set(run)) == [("parts/1.csv", "loaded"), ("parts/2.csv", "loaded"), ("parts/3.csv", "loaded")]
