@@ -48,6 +48,7 @@ from .options import ConnectOptions, CsvDialect, LoadOptions, check_writable
 from .plan import OTHER_RUN, Plan, command_key, mtime, plan
 from .pressure import ReplicaLag, connection_budget, require_monitor
 from .progress import Waits
+from .records import end_marker_ends_copy
 from .rejects import REJECTS_SUFFIX, Reject
 from .report import Report, SetReport, SourceOutcome
 from .session import ControlSession
@@ -333,6 +334,7 @@ class _Load:
         writing = Writing(
             settings=settings, upsert=self.upsert, dry_run=options.dry_run,
             committed=frozenset(planned.committed), skip_bad_values=skip_bad_values,
+            end_marker=end_marker_ends_copy(conn.get_server_version()),
         )
         if options.mode != "replace" or planned.verify_only:
             return target, writing

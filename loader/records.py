@@ -489,6 +489,12 @@ def split_fields(record: Bytes, dialect: CsvDialect) -> list[str | None] | None:
         i = d + 1
 
 
+def end_marker_ends_copy(server_version: tuple[int, ...]) -> bool:
+    """Whether a line of only \\. ends a CSV COPY's data: before PostgreSQL 18. (From 18 on it
+    is a record like any other, refused or loaded as its values say.)"""
+    return tuple(server_version[:1]) < (18,)
+
+
 def holds_end_marker(data: bytes | bytearray, newline: bytes) -> bool:
     """Whether `data` may hold a line of only \\. (COPY's end-of-data marker before
     PostgreSQL 18, which ends the COPY there): a batch that does goes straight to isolation,

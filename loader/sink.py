@@ -68,6 +68,7 @@ class Writing:
     committed: frozenset[int] = frozenset()  # batches earlier runs committed (an upsert merges after them)
     table: str | None = None  # the table's name, where messages would name the stage it loads into instead
     skip_bad_values: bool = False  # COPY ... ON_ERROR ignore (PostgreSQL 17+): see onerror.py
+    end_marker: bool = True  # a line of only \. ends a COPY's data (before PostgreSQL 18)
 
 
 @dataclass
@@ -304,7 +305,7 @@ class Sink:
                     # With ON_ERROR, a refused COPY costs only the rows up to its first refused
                     # row, which, when such rows are dense, are few: batches always go whole first.
                     doomed = not self._skip_bad_values and self._error_rate.doomed(batch.rows)
-                    if not isolating and not doomed and not holds_end_marker(batch.data, self._newline):
+                    if not isolating and not doomed and not (self._writing.end_marker and holds_end_marker(batch.data, self._newline)):
                         whole = await self._load_whole(batch)
                         if isinstance(whole, Outcome):
                             return dataclasses.replace(whole, retries=retries)

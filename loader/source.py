@@ -104,7 +104,10 @@ class Source:
                 tail = os.pread(self.raw.fileno(), FINGERPRINT_BLOCK, max(size - FINGERPRINT_BLOCK, 0))
             except (OSError, ValueError):
                 return None
-            self._fingerprint = hashlib.sha256(f"{size}\0".encode() + head + b"\0" + tail)
+            fingerprint = hashlib.sha256(f"{size}\0".encode())
+            for part in (head, b"\0", tail):  # as one message, without copying it into one
+                fingerprint.update(part)
+            self._fingerprint = fingerprint
         return self._fingerprint
 
     def close(self) -> None:
