@@ -33,7 +33,7 @@ from .errors import LoaderError, TableReplaced, is_data_error
 from .ledger import Ledger
 from .options import LoadOptions
 from .plan import content_key, copy_options, load_key, mtime, source_name
-from .records import holds_end_marker
+from .records import end_marker_ends_copy, holds_end_marker
 from .report import Report
 from .retry import retrying
 from .session import ControlSession
@@ -60,6 +60,7 @@ class SmallFile:
     size: int
     mtime: float | None
     name: str  # as the ledger keeps it
+    ends_clean: bytes | None  # its line ending, when its last record ends with one, outside quotes
     load_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -70,9 +71,10 @@ def read_small(
     target: Target,
     columns: tuple[str, ...],
     columns_of: Callable[[list[str] | None], tuple[str, ...]],
+    end_marker: bool,
 ) -> SmallFile | None:
-    """In a thread: the file in one batch, if it is one batch of the set's columns (and no
-    line in it could end a COPY early); else None, and the usual load takes it."""
+    """In a thread: the file in one batch, if it is one batch of the set's columns (and, where
+    a line of only \\. ends a COPY, holds none); else None, and the usual load takes it."""
     try:
         source = open_source(path)
     except LoaderError:
@@ -94,13 +96,15 @@ def read_small(
         batch = next(batches, None)
         if batch is None or next(batches, None) is not None:
             return None
-        if holds_end_marker(batch.data, batcher.dialect.newline.encode()):
+        if end_marker and holds_end_marker(batch.data, batcher.dialect.newline.encode()):
             return None
         source.verify()  # a compressed file is whole
         source.check_unchanged(f"lines {batch.first_line}-{batch.last_line}")
+        newline, dialect = batcher.dialect.newline.encode(), options.dialect
+        clean = dialect.escape is None and batch.data.endswith(newline) and batch.data.count(dialect.quote.encode()) % 2 == 0
         return SmallFile(
             number, path, batch, load_key(options, source, target), content_key(options, source, target),
-            source.stat[0], mtime(source), source_name(source, options),
+            source.stat[0], mtime(source), source_name(source, options), newline if clean else None,
         )
     except LoaderError:
         return None
@@ -138,7 +142,8 @@ class SmallFiles:
         self.ledger = Ledger(options.ledger_schema)
         settings = {k: v for k, v in transaction_settings(options).items() if k != "synchronous_commit"}
         self._begin = begin_batch(target.schema, target.name, target.relkind != "f", settings)  # its commit finishes loads
-        self._copy = copy_statement(target.schema, target.name, columns, options.dialect)
+        self._end_marker = end_marker_ends_copy(session.conn.get_server_version())
+        self._statement = copy_statement(target.schema, target.name, columns, options.dialect)
         self._kept = copy_options(options)  # as each load's ledger row keeps them
         self._group: list[SmallFile] = []
         self._slots = asyncio.Semaphore(workers)
@@ -190,7 +195,7 @@ class SmallFiles:
         read: dict[int, SmallFile | None] = {}
         group: list[SmallFile] = []
         for n in range(number, len(self.sources)):
-            small = read[n] = read_small(n, self.sources[n], self.options, self.target, self.columns, self.columns_of)
+            small = read[n] = read_small(n, self.sources[n], self.options, self.target, self.columns, self.columns_of, self._end_marker)
             if small is None:
                 break
             group.append(small)
@@ -324,28 +329,40 @@ class SmallFiles:
             self.loaded(small.number, small.path, report)
 
     async def _copy_group(self, conn: asyncpg.Connection, group: list[SmallFile], refused: set[int]) -> None:
-        """Each file's COPY in a savepoint (undone, and the file refused, when the server refuses
-        a row of it or reads another number of records), then the loads of the others in the
-        ledger, in one statement."""
-        target = self.target
-        before = PIECE_SAVEPOINT + "; "  # sent with the next COPY: one round trip
-        for small in group:
-            if small.number in refused:
-                continue
-            try:
-                rows = await copy_rows(conn, before + self._copy, small.batch.data)
-            except Exception as exc:
-                if not is_data_error(exc):
-                    raise
-                rows = -1
-            if rows == small.batch.rows:
-                before = PIECE_KEEP + "; "
+        """The group's files in one COPY, when their records cannot run into each other (each
+        ends with a line ending, the same, outside quotes); else, or when the server refuses
+        a row or reads another number of records, each file's COPY in a savepoint, a file
+        refused undone. Then the loads of the others in the ledger, in one statement."""
+        files = [s for s in group if s.number not in refused]
+        if len(files) > 1 and files[0].ends_clean is not None and all(s.ends_clean == files[0].ends_clean for s in files):
+            if await self._copy(conn, PIECE_SAVEPOINT, b"".join(s.batch.data for s in files), sum(s.batch.rows for s in files)):
+                await self._finish(conn, files)
+                return
+            await conn.execute(PIECE_UNDO)
+        before = PIECE_SAVEPOINT  # sent with the next COPY: one round trip
+        for small in files:
+            if await self._copy(conn, before, small.batch.data, small.batch.rows):
+                before = PIECE_KEEP
             else:
                 refused.add(small.number)
-                before = PIECE_UNDO + "; "
-        if before.startswith(PIECE_UNDO):  # the last file was undone: out of the aborted state
+                before = PIECE_UNDO
+        if before == PIECE_UNDO:  # the last file was undone: out of the aborted state
             await conn.execute(PIECE_UNDO)
-        loaded = [s for s in group if s.number not in refused]
+        await self._finish(conn, [s for s in files if s.number not in refused])
+
+    async def _copy(self, conn: asyncpg.Connection, before: str, data: bytes | bytearray, records: int) -> bool:
+        """COPY `data` after `before`: whether the server took its `records` records, no more
+        and no fewer (False, in the aborted savepoint, when it refused one)."""
+        try:
+            return await copy_rows(conn, f"{before}; {self._statement}", data) == records
+        except Exception as exc:
+            if not is_data_error(exc):
+                raise
+            return False
+
+    async def _finish(self, conn: asyncpg.Connection, loaded: list[SmallFile]) -> None:
+        """Record each file's one batch and its load's end, in one statement."""
+        target = self.target
         if not loaded:
             return
         batches = [s.batch for s in loaded]
