@@ -166,3 +166,23 @@ def test_a_copy_of_a_file_in_another_group_is_skipped(db: Db, tmp_path: Path) ->
     assert set(sources.values()) == {"loaded"}
     assert "the same content was loaded from" in run.stderr
     assert contents(db) == expected
+
+
+def test_small_files_with_other_line_endings_or_none_at_the_end_load_each_row_once(db: Db, tmp_path: Path) -> None:
+    """Files whose records could run into each other's in one COPY (a last line without its
+    line ending, CRLF among LF files, a quoted field with a line break) still load exactly:
+    every row once, each in its own columns."""
+    db.script("CREATE TABLE t (id bigint PRIMARY KEY, name text)")
+    expected = parts(tmp_path, 12)
+    folder = tmp_path / "parts"
+    (folder / "part-03.csv").write_bytes((folder / "part-03.csv").read_bytes().rstrip(b"\n"))  # no line ending at the end
+    crlf = folder / "part-05.csv"
+    crlf.write_bytes(crlf.read_bytes().replace(b"\n", b"\r\n"))
+    quoted = folder / "part-08.csv"
+    quoted.write_bytes(quoted.read_bytes().replace(b"400,part-08.csv", b'400,"part-08\nline two"'))
+    expected = [(i, "part-08\nline two" if i == 400 else name) for i, name in expected]
+    run = db.loader("import", "parts", "-t", "t", "--json")
+    assert run.code == 0, run.stderr
+    assert {s["state"] for s in run.json()["sources"]} == {"loaded"}
+    assert contents(db) == expected
+    assert loads(db) == {f"part-{n:02}.csv": ("succeeded", 1, ROWS) for n in range(12)}
