@@ -96,11 +96,11 @@ def read_small(
         batch = next(batches, None)
         if batch is None or next(batches, None) is not None:
             return None
-        if end_marker and holds_end_marker(batch.data, batcher.dialect.newline.encode()):
+        newline, dialect = batcher.dialect.newline.encode(), options.dialect
+        if end_marker and holds_end_marker(batch.data, newline):
             return None
         source.verify()  # a compressed file is whole
         source.check_unchanged(f"lines {batch.first_line}-{batch.last_line}")
-        newline, dialect = batcher.dialect.newline.encode(), options.dialect
         clean = dialect.escape is None and batch.data.endswith(newline) and batch.data.count(dialect.quote.encode()) % 2 == 0
         return SmallFile(
             number, path, batch, load_key(options, source, target), content_key(options, source, target),
@@ -116,7 +116,7 @@ class SmallFiles:
     """Groups a set's small files as they are offered, in the set's order, and loads each
     group in one transaction, up to `workers` groups at once. Files it does not take, or
     declines once it knows more (see the module's docstring), are told to the caller
-    (`offer`'s answer, then `declined`)."""
+    (`offer`'s answer, then `take_declined`)."""
 
     def __init__(
         self,
