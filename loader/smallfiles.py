@@ -45,7 +45,10 @@ from .target import Target
 
 log = logging.getLogger("loader")
 
-GROUP_FILES = 8  # files in one transaction at most: what a run sharing a set claims at once
+# Files in one transaction at most. A run's first group is of one file and each next one
+# doubles, up to this: what a run claims at once stays small while runs sharing a set start
+# together (each gets a share), and the groups grow large once they are under way.
+GROUP_FILES = 32
 
 
 @dataclass
@@ -146,6 +149,7 @@ class SmallFiles:
         self._statement = copy_statement(target.schema, target.name, columns, options.dialect)
         self._kept = copy_options(options)  # as each load's ledger row keeps them
         self._group: list[SmallFile] = []
+        self._files = 1  # the next group's files at most (see GROUP_FILES)
         self._slots = asyncio.Semaphore(workers)
         self._running: set[asyncio.Task[None]] = set()
         self.declined: list[tuple[int, str]] = []  # for the usual load (see take_declined)
@@ -168,10 +172,10 @@ class SmallFiles:
         return True
 
     def _full(self, group: list[SmallFile]) -> bool:
-        """A group is a batch's worth (--batch-size rows, --batch-bytes), of GROUP_FILES files at most."""
+        """A group is a batch's worth (--batch-size rows, --batch-bytes), of `_files` files at most."""
         options = self.options
         return (
-            len(group) >= GROUP_FILES or sum(s.batch.rows for s in group) >= options.batch_rows
+            len(group) >= self._files or sum(s.batch.rows for s in group) >= options.batch_rows
             or sum(len(s.batch.data) for s in group) >= options.batch_bytes
         )
 
@@ -239,6 +243,7 @@ class SmallFiles:
 
     async def _launch(self) -> None:
         group, self._group = self._group, []
+        self._files = min(self._files * 2, GROUP_FILES)
         if self.options.deadline is not None and (late := deadline_passed(self.options.deadline)) is not None:
             raise late
         await self._slots.acquire()  # planned (and started in the ledger) once it can load
