@@ -135,6 +135,12 @@ def is_transient(exc: BaseException) -> bool:
     ) and not isinstance(exc, (asyncpg.exceptions.ClientConfigurationError, asyncpg.exceptions.DataError))
 
 
+def transient_stop(exc: BaseException) -> TryAgainLater:
+    """A transient failure that outlasted its retries, as the reason a run stops (exit 75)."""
+    reason = server_message(exc) or type(exc).__name__
+    return TryAgainLater(f"stopped by a transient failure ({reason}); run the same command again to resume")
+
+
 def is_data_error(exc: BaseException) -> bool:
     """True when the server refused the rows themselves (bad value, wrong field count, constraint)."""
     state = sqlstate(exc)

@@ -39,6 +39,7 @@ from .errors import (
     is_transient,
     server_message,
     sqlstate,
+    transient_stop,
 )
 from .fileset import FileSet
 from .infer import infer_types, records_of
@@ -51,6 +52,7 @@ from .progress import Waits
 from .records import end_marker_ends_copy
 from .rejects import REJECTS_SUFFIX, Reject
 from .report import Report, SetReport, SourceOutcome
+from .retry import say_retrying
 from .session import ControlSession
 from .sink import Sink, Writing
 from .smallfiles import SmallFiles
@@ -638,7 +640,7 @@ async def load(
         def on_retry(exc: BaseException) -> None:
             report.count_retry(exc)
             waits.retry(exc)
-            log.info("retrying after a transient failure: %s", " ".join(str(exc).split()) or type(exc).__name__)
+            say_retrying(exc)
 
         if on_start is not None:
             on_start(report)
@@ -660,8 +662,7 @@ async def load(
                 except Exception as exc:  # batches retry their own; the load's session does not
                     if not is_transient(exc):
                         raise
-                    reason = server_message(exc) or type(exc).__name__
-                    raise TryAgainLater(f"stopped by a transient failure ({reason}); run the same command again to resume") from None
+                    raise transient_stop(exc) from None
         except LoaderError as exc:
             report.elapsed_s = time.monotonic() - started
             exc.report = report if report.load_id and not isinstance(exc, UsageError) else None
@@ -763,8 +764,7 @@ async def load_set(
         except Exception as exc:
             if not is_transient(exc):
                 raise
-            reason = server_message(exc) or type(exc).__name__
-            stop = TryAgainLater(f"stopped by a transient failure ({reason}); run the same command again to resume")
+            stop = transient_stop(exc)
         log.error("loader: error: %s", stop.message)
         stops.append(stop)
         return False

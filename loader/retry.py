@@ -6,6 +6,7 @@ not a fault: it does not use up the attempts; it is retried for up to
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential_jitter
@@ -14,6 +15,13 @@ from .errors import TOO_MANY_CONNECTIONS, is_transient, sqlstate
 from .options import RetryPolicy
 
 TOO_MANY_CONNECTIONS_PATIENCE_S = 600.0
+
+log = logging.getLogger("loader")
+
+
+def say_retrying(exc: BaseException) -> None:
+    """What --verbose tells of a transient failure about to be retried."""
+    log.info("retrying after a transient failure: %s", " ".join(str(exc).split()) or type(exc).__name__)
 
 
 def retrying(

@@ -35,7 +35,7 @@ from .options import LoadOptions
 from .plan import content_key, copy_options, load_key, mtime, source_name
 from .records import end_marker_ends_copy, holds_end_marker
 from .report import Report
-from .retry import retrying
+from .retry import retrying, say_retrying
 from .session import ControlSession
 from .sink import batch_connection, batch_transaction
 from .source import open_source
@@ -302,7 +302,7 @@ class SmallFiles:
             nonlocal retries
             retries += 1
             self.progress.count_retry(exc)
-            log.info("retrying after a transient failure: %s", " ".join(str(exc).split()) or type(exc).__name__)
+            say_retrying(exc)
 
         self.progress.in_flight += 1
         try:
