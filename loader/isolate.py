@@ -95,6 +95,7 @@ async def isolate(
     if not syntax.parity:  # records cannot be cut by counting quotes
         return await _resolve(split_records(data, batch.first_line, dialect), copy, copy_line, first_error, rate)
     newline = syntax.newline
+    cut = _Cut(syntax, batch.rows == batch.lines)
     record_bytes = len(data) / max(1, batch.rows)
     loaded = 0
     rejects: list[Reject] = []
@@ -103,14 +104,14 @@ async def isolate(
     end, error = len(data), first_error
     while start < len(data) or carry:
         if error is None:
-            end = len(data)
+            at = len(data)
             if rate.rows:
                 piece = rate.piece()
                 # As many known good records as a piece go alone, lest failures pile them up.
-                at = start + int(piece * record_bytes)
-                end = start if len(carry) >= piece else syntax.record_end(data, start, at)
+                at = start if len(carry) >= piece else start + int(piece * record_bytes)
+            end, records, lines = cut.piece(data, start, at) if at > start else (start, 0, 0)
             try:
-                rows = await copy(carry.data + data[start:end], len(carry) + syntax.count(data[start:end]))
+                rows = await copy(carry.data + data[start:end], len(carry) + records)
             except Exception as exc:
                 if not is_data_error(exc):
                     raise
@@ -119,7 +120,7 @@ async def isolate(
                 loaded += rows
                 rate.rows += rows - len(carry)
                 carry = NO_RECORDS
-                line += data.count(newline, start, end)
+                line += lines
                 start = end
                 continue
         # The COPY of carry + data[start:end] failed with `error`.
@@ -147,6 +148,27 @@ async def isolate(
             start += consumed
         error = None
     return loaded, rejects
+
+
+@dataclass(frozen=True)
+class _Cut:
+    """Pieces of a batch: where one ends, and what it holds. When no record of the batch spans
+    lines (the batcher counted as many lines as records), line endings alone end records:
+    no pass over the quotes."""
+
+    syntax: RecordSyntax
+    one_line: bool
+
+    def piece(self, data: Bytes, start: int, at: int) -> tuple[int, int, int]:
+        """(end, records, line endings) of the piece from `start` to the end of the first
+        record that ends at or after byte `at`."""
+        if not self.one_line:
+            return self.syntax.piece(data, start, at)
+        found = data.find(self.syntax.newline, at) if at < len(data) else -1
+        end = len(data) if found < 0 else found + 1
+        lines = data.count(self.syntax.newline, start, end)
+        unended = end > start and data[end - 1 : end] != self.syntax.newline  # the last record, without one
+        return end, lines + unended, lines
 
 
 def _locate(

@@ -164,6 +164,22 @@ class RecordSyntax:
                 return pos, 0
         return -1, odd ^ (data.count(quote, pos) & 1)
 
+    def piece(self, data: bytes | bytearray, start: int, at: int) -> tuple[int, int, int]:
+        """(end, records, line endings) of the piece of `data` from `start`, a record start, to
+        the end of the first record that ends at or after byte `at` (the end of `data` if none):
+        one pass over the piece's quotes finds where it ends and counts what it holds."""
+        if at >= len(data):
+            rest = data[start:]
+            segments = self.segments(rest)
+            return len(data), self.records(segments, rest), sum(map(len, segments))
+        segments = self.segments(data[start:at])
+        end, _ = self.scan_record_end(data, at, (len(segments) - 1) & 1)
+        end = len(data) if end < 0 else end
+        # The newlines outside quotes before `at` each end a record; the record going on at `at`
+        # ends at `end`.
+        records = sum(map(len, segments[0::2])) + 1
+        return end, records, sum(map(len, segments)) + data.count(self.newline, at, end)
+
     def record_end(self, data: bytes | bytearray, start: int, at: int) -> int:
         """Where the first record that ends at or after byte `at` ends, records starting at
         `start`: at the first line ending after `at` that an even number of quotes since

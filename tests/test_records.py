@@ -61,6 +61,16 @@ def test_records_counted_by_quote_parity_are_the_records_split(body: bytes, newl
     assert RecordSyntax.of(dialect).count(body) == len(split_records(body, 1, dialect))
 
 
+@given(body=scraps, newline=st.sampled_from(["\n", "\r"]), data=st.data())
+def test_a_piece_found_in_one_pass_ends_and_counts_as_the_plain_rules_say(body: bytes, newline: str, data: st.DataObject) -> None:
+    dialect = CsvDialect(newline=newline)
+    syntax = RecordSyntax.of(dialect)
+    start = data.draw(st.sampled_from(split_records(body, 1, dialect).offsets))
+    at = data.draw(st.integers(start + 1, len(body) + 5))
+    end = syntax.record_end(body, start, at)
+    assert syntax.piece(body, start, at) == (end, syntax.count(body[start:end]), body.count(newline.encode(), start, end))
+
+
 @given(body=scraps, data=st.data())
 def test_a_record_end_scan_resumed_on_more_bytes_ends_where_one_scan_does(body: bytes, data: st.DataObject) -> None:
     cut = data.draw(st.integers(0, len(body)))
