@@ -517,6 +517,8 @@ def holds_end_marker(data: bytes | bytearray, newline: bytes) -> bool:
     where the COPY's row count finds the line. In C (find), no step per row: the search is
     for a line end followed by \\., which is rare where \\. alone is not (decimals); an
     occurrence inside a quoted field only costs that batch the fast path."""
+    if b"\\" not in data:  # memchr: most batches hold no backslash at all
+        return False
     ends = newline[-1:]  # what a line's start follows, CRLF included
     at = 0 if data.startswith(b"\\.") else -1
     if at < 0:
