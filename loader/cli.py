@@ -12,6 +12,7 @@ import contextlib
 import csv
 import ctypes
 import dataclasses
+import gc
 import inspect
 import json
 import logging
@@ -306,6 +307,9 @@ def _run(job: Job, args: LoadArgs, progress: bool) -> None:
     started = time.monotonic()
     report: Report | SetReport | None = None
     code = EXIT_FATAL
+    # What the imports made lives as long as the process: the collector need not walk it again
+    # at every full collection during the load.
+    gc.freeze()
     try:
         report = asyncio.run(_with_signals_and_progress(job, progress, args.log_interval))
         code = report.exit_code
