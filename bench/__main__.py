@@ -440,9 +440,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--files", type=int, default=500, help="files in the many-small-files comparison (default 500; 0: skip it)")
     parser.add_argument("--file-rows", type=int, default=1000, help="rows in each of those files (default 1,000)")
     parser.add_argument("--files-only", action="store_true", help="measure only the many-small-files comparison")
+    parser.add_argument("--bad-rows-only", action="store_true", help="measure only the 0.1%%-bad-rows comparison (at the defaults and 4 workers)")
     args = parser.parse_args(argv)
     if args.modes_only and args.no_modes:
         parser.error("--modes-only and --no-modes exclude each other")
+    if sum((args.modes_only, args.files_only, args.bad_rows_only)) > 1:
+        parser.error("--modes-only, --files-only and --bad-rows-only exclude each other")
 
     # An installed package runs from bytecode pip compiled; a checkout run with
     # PYTHONDONTWRITEBYTECODE set would compile the loader's modules on every run instead.
@@ -470,9 +473,11 @@ def main(argv: list[str] | None = None) -> int:
             "file_mb": round(path.stat().st_size / 1e6, 1),
             "runs": args.runs,
         }
-        only = args.modes_only or args.files_only
-        if args.files_only:
+        only = args.modes_only or args.files_only or args.bad_rows_only
+        if args.files_only or args.bad_rows_only:
             args.no_modes = True
+        if args.modes_only or args.bad_rows_only:
+            args.files = 0
         if not only:
             report["results"] = [asdict(r) for r in bench.measure(path, args.rows, args.runs, workers, args.batch_size)]
             print(table([Result(**{**r, "runs": []}) for r in report["results"]]))
@@ -491,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
             }
             print("indexed table:")
             print(table(indexed))
-        if not args.no_bad_rows and not only:
+        if args.bad_rows_only or (not args.no_bad_rows and not only):
             bad_every = 1000
             bad_path = data / f"bench-{args.rows}-bad-scattered.csv"
             if not bad_path.exists():
@@ -511,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
                 write(other, args.rows, seed=2)
             report["modes"] = bench.measure_modes(path, other, args.rows, args.runs)
             print(modes_table(report["modes"]))
-        if args.files and not args.modes_only:
+        if args.files:
             files_dir = data / f"files-{args.files}x{args.file_rows}"
             report["file_set"] = bench.measure_file_set(files_dir, args.files, args.file_rows, args.runs)
             fs = report["file_set"]
