@@ -6,6 +6,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from loader.isolate import _Cut
 from loader.options import CsvDialect
 from loader.records import (
     RecordSyntax,
@@ -69,6 +70,16 @@ def test_a_piece_found_in_one_pass_ends_and_counts_as_the_plain_rules_say(body: 
     at = data.draw(st.integers(start + 1, len(body) + 5))
     end = syntax.record_end(body, start, at)
     assert syntax.piece(body, start, at) == (end, syntax.count(body[start:end]), body.count(newline.encode(), start, end))
+
+
+@given(records=st.lists(plain, min_size=1, max_size=40), last_ended=st.booleans(), data=st.data())
+def test_a_piece_of_one_line_records_is_cut_by_line_endings_alone_as_by_quotes(
+    records: list[bytes], last_ended: bool, data: st.DataObject
+) -> None:
+    body = b"\n".join(records) + (b"\n" if last_ended else b"")
+    start = data.draw(st.sampled_from(split_records(body, 1, CsvDialect()).offsets[:-1]))
+    at = data.draw(st.integers(start + 1, len(body) + 5))
+    assert _Cut(DOUBLED, one_line=True).piece(body, start, at) == DOUBLED.piece(body, start, at)
 
 
 @given(body=scraps, data=st.data())
