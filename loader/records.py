@@ -113,10 +113,6 @@ class RecordSyntax:
         terminated = len(segments) % 2 == 1 and segments[-1].endswith(self.newline) and data.endswith(self.newline)
         return records if terminated else records + 1
 
-    def count(self, data: bytes | bytearray) -> int:
-        """The records of `data` (starting at a record start)."""
-        return self.records(self.segments(data), data) if data else 0
-
     @staticmethod
     def last_outside(segments: Sequence[bytes | bytearray]) -> tuple[int, int, int]:
         """(newlines up to the last newline outside quotes, records they end, the segment's index);
