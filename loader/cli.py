@@ -307,9 +307,6 @@ def _run(job: Job, args: LoadArgs, progress: bool) -> None:
     started = time.monotonic()
     report: Report | SetReport | None = None
     code = EXIT_FATAL
-    # What the imports made lives as long as the process: the collector need not walk it again
-    # at every full collection during the load.
-    gc.freeze()
     try:
         report = asyncio.run(_with_signals_and_progress(job, progress, args.log_interval))
         code = report.exit_code
@@ -484,6 +481,9 @@ def _return_big_buffers_to_the_os() -> None:
 def main(argv: list[str] | None = None) -> NoReturn:
     """Entry point: every error becomes one line on stderr and its exit code."""
     _return_big_buffers_to_the_os()
+    # What the imports made lives as long as the process: full collections during the load
+    # need not walk it again and again (5-7% of the client's CPU).
+    gc.freeze()
     _setup_logging(verbose=False)  # a command sets it again with its --verbose
     command = typer.main.get_command(app)
     try:
