@@ -5,7 +5,7 @@ only as literals: they go through `quote_literal`."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 from types import MappingProxyType
 
@@ -34,6 +34,7 @@ def qualified(schema: str, name: str) -> str:
     return f"{quote_ident(schema)}.{quote_ident(name)}"
 
 
+@lru_cache(maxsize=256)  # every load of a file set renders its ledger's statements
 def render(template: str, **identifiers: str) -> str:
     """Fill {placeholders} of a template with quoted identifiers (never with values)."""
     return template.format(**{key: quote_ident(value) for key, value in identifiers.items()})
