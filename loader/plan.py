@@ -229,36 +229,32 @@ async def plan(
 ) -> Plan:
     """Decide from the ledger, under the table's lease (`renew` keeps it while a file is read
     through), and record a new or resumed load as this run's (`holder`). A run that shares
-    its file set first claims the source (see Ledger.claim)."""
+    its file set claims the source before it loads it (see Ledger.claim); a source loaded
+    and unchanged since, it skips without a claim, so that a re-run of a set writes nothing."""
     key = load_key(options, source, target)
-    if options.command is not None and key is not None:
-        other = await ledger.claim(conn, key, holder)
-        if other is not None:
-            by = "loaded by another run of this command" + (f" ({other})" if other else "")
-            return Plan("", {}, nothing_to_do=by, elsewhere=OTHER_RUN)
     size, modified, cut = source.size, mtime(source), boundaries(options)
     content = content_key(options, source, target)
     row = await ledger.latest(conn, key, content, holder) if key or content else None
-    if row is not None and not row["same_path"]:  # no load of this path; one of the same content
-        if row["live"]:  # told again once it has ended (see pipeline.load_set)
-            by = f"the same content is being loaded from {row['source']} by load {row['load_id']}"
-            return Plan(row["load_id"], {}, nothing_to_do=by, elsewhere=SAME_CONTENT)
-        known = None if options.restart else await _known_content(conn, ledger, options, source, key, row, holder, renew)
-        if known is not None:
-            return known
-        row = None
-    previous = (
-        Previous(
-            row["load_id"], row["state"], row["source_size"], row["source_mtime"], row["finished_at"],
-            json.loads(row["boundaries"]),
+    decision = _done(row, options, size, modified, cut)
+    if decision is None:
+        if options.command is not None and key is not None:
+            other = await ledger.claim(conn, key, holder)
+            if other is not None:
+                by = "loaded by another run of this command" + (f" ({other})" if other else "")
+                return Plan("", {}, nothing_to_do=by, elsewhere=OTHER_RUN)
+            row = await ledger.latest(conn, key, content, holder)  # as it is once the source is this run's
+        if row is not None and not row["same_path"]:  # no load of this path; one of the same content
+            if row["live"]:  # told again once it has ended (see pipeline.load_set)
+                by = f"the same content is being loaded from {row['source']} by load {row['load_id']}"
+                return Plan(row["load_id"], {}, nothing_to_do=by, elsewhere=SAME_CONTENT)
+            known = None if options.restart else await _known_content(conn, ledger, options, source, key, row, holder, renew)
+            if known is not None:
+                return known
+            row = None
+        decision = decide(
+            _previous(row), restart=options.restart, force=options.force, size=size, mtime=modified, boundaries=cut,
+            source=options.shown_as or options.source,
         )
-        if row is not None
-        else None
-    )
-    decision = decide(
-        previous, restart=options.restart, force=options.force, size=size, mtime=modified, boundaries=cut,
-        source=options.shown_as or options.source,
-    )
     if decision.action is Action.NEW:
         load_id = uuid.uuid4().hex
         await ledger.start(
@@ -277,6 +273,32 @@ async def plan(
         return Plan(decision.load_id, committed, verify_only=True)
     await ledger.resume(conn, decision.load_id, size, modified, holder)
     return Plan(decision.load_id, committed)
+
+
+def _previous(row: asyncpg.Record | None) -> Previous | None:
+    """The load of this path that `row` (Ledger.latest) names, as `decide` weighs it."""
+    if row is None:
+        return None
+    return Previous(
+        row["load_id"], row["state"], row["source_size"], row["source_mtime"], row["finished_at"], json.loads(row["boundaries"])
+    )
+
+
+def _done(
+    row: asyncpg.Record | None, options: LoadOptions, size: int | None, modified: float | None, cut: dict[str, Any]
+) -> Decision | None:
+    """Nothing to do, when the load of this path that `row` names finished and the file is
+    unchanged since: so whoever asks, and no claim is needed. None: the usual decision."""
+    if row is None or not row["same_path"]:
+        return None
+    try:
+        decision = decide(
+            _previous(row), restart=options.restart, force=options.force, size=size, mtime=modified, boundaries=cut,
+            source=options.shown_as or options.source,
+        )
+    except UsageError:
+        return None  # told once the source is this run's
+    return decision if decision.action is Action.NOTHING else None
 
 
 async def _known_content(

@@ -274,13 +274,16 @@ class SmallFiles:
                 continue
             seen.update(k for k in keys if k is not None)
             new.append(small)
-        command = self.options.command is not None
         async with self.session.turn():
             conn = await self.session.get()
             await self.session.renew()
-            claimed = await self.ledger.claim_many(conn, [s.load_key for s in new if s.load_key], self.session.holder) if command else set()
-            known = await self.ledger.known(conn, [(s.load_key, s.content_key) for s in new]) if new else set()
-            taken = [s for i, s in enumerate(new) if i not in known and (not command or s.load_key in claimed)]
+            taken = await self._unknown(conn, new)
+            if self.options.command is not None and taken:
+                # A run sharing the set takes its new files before it loads them, then asks again:
+                # another run may have loaded one meanwhile. Files some load had, it leaves
+                # untaken (a re-run of the set writes nothing).
+                claimed = await self.ledger.claim_many(conn, [s.load_key for s in taken if s.load_key], self.session.holder)
+                taken = await self._unknown(conn, [s for s in taken if s.load_key in claimed])
             if self._name is not None and taken:  # the first group names the run's sessions
                 taken[0].load_id = self._name[1]
                 await self.session.name(*self._name)
@@ -290,6 +293,11 @@ class SmallFiles:
                 await self.ledger.start_small(conn, loads, self.target.display, self._kept, self.session.holder)
         self.declined.extend((s.number, s.path) for s in new if s not in taken)
         return taken
+
+    async def _unknown(self, conn: asyncpg.Connection, files: list[SmallFile]) -> list[SmallFile]:
+        """The files no load has had, by path or content."""
+        known = await self.ledger.known(conn, [(s.load_key, s.content_key) for s in files]) if files else set()
+        return [s for i, s in enumerate(files) if i not in known]
 
     async def _load(self, group: list[SmallFile]) -> None:
         """One transaction for the group. A transient failure tries it again, unless its commit

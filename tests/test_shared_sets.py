@@ -138,6 +138,24 @@ def test_a_run_killed_while_sharing_a_set_leaves_its_files_to_the_others_and_the
     assert contents(db) == expected
 
 
+def test_the_same_command_again_skips_a_loaded_set_without_taking_its_files(db: Db, tmp_path: Path) -> None:
+    """Once a set is loaded, the same command skips every file without claiming it from other
+    runs, whether the file would go in a group of small files or alone: the claims stay as the
+    first run left them."""
+    db.script("CREATE TABLE plain (id bigint, name text)")
+    expected = exports(tmp_path)
+    for args in ((), ("--batch-size", "50")):  # small files in groups; files of two batches alone
+        first = db.loader("import", "exports", "-t", "plain", "--json", *args)
+        assert first.code == 0, first.stderr
+        claims = sorted(tuple(r) for r in db.sql("SELECT load_key, holder, claimed_at FROM loader.claims"))
+        again = db.loader("import", "exports", "-t", "plain", "--json", *args)
+        assert again.code == 0, again.stderr
+        assert {s["state"] for s in again.json()["sources"]} == {"skipped"}
+        assert sorted(tuple(r) for r in db.sql("SELECT load_key, holder, claimed_at FROM loader.claims")) == claims
+        assert [tuple(r) for r in db.sql("SELECT id, name FROM plain ORDER BY id")] == expected
+        db.script("TRUNCATE plain; TRUNCATE loader.loads, loader.batches, loader.rejects, loader.claims")
+
+
 def test_runs_of_the_same_command_with_create_make_the_table_once(db: Db, tmp_path: Path) -> None:
     """Three runs of `loader import exports -t fresh --create` at once on a database without the
     table: one creates it (and says so), the others load into it; every row once."""
