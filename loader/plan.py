@@ -230,31 +230,32 @@ async def plan(
     """Decide from the ledger, under the table's lease (`renew` keeps it while a file is read
     through), and record a new or resumed load as this run's (`holder`). A run that shares
     its file set claims the source before it loads it (see Ledger.claim); a source loaded
-    and unchanged since, it skips without a claim, so that a re-run of a set writes nothing."""
+    and unchanged since, it skips without a claim: a re-run of a set claims nothing."""
     key = load_key(options, source, target)
     size, modified, cut = source.size, mtime(source), boundaries(options)
     content = content_key(options, source, target)
     row = await ledger.latest(conn, key, content, holder) if key or content else None
-    decision = _done(row, options, size, modified, cut)
-    if decision is None:
-        if options.command is not None and key is not None:
-            other = await ledger.claim(conn, key, holder)
-            if other is not None:
-                by = "loaded by another run of this command" + (f" ({other})" if other else "")
-                return Plan("", {}, nothing_to_do=by, elsewhere=OTHER_RUN)
-            row = await ledger.latest(conn, key, content, holder)  # as it is once the source is this run's
-        if row is not None and not row["same_path"]:  # no load of this path; one of the same content
-            if row["live"]:  # told again once it has ended (see pipeline.load_set)
-                by = f"the same content is being loaded from {row['source']} by load {row['load_id']}"
-                return Plan(row["load_id"], {}, nothing_to_do=by, elsewhere=SAME_CONTENT)
-            known = None if options.restart else await _known_content(conn, ledger, options, source, key, row, holder, renew)
-            if known is not None:
-                return known
-            row = None
-        decision = decide(
-            _previous(row), restart=options.restart, force=options.force, size=size, mtime=modified, boundaries=cut,
-            source=options.shown_as or options.source,
-        )
+    done = _done(row, options, size, modified, cut)
+    if done is not None:
+        return _nothing(done, row, options)
+    if options.command is not None and key is not None:
+        other = await ledger.claim(conn, key, holder)
+        if other is not None:
+            by = "loaded by another run of this command" + (f" ({other})" if other else "")
+            return Plan("", {}, nothing_to_do=by, elsewhere=OTHER_RUN)
+        row = await ledger.latest(conn, key, content, holder)  # as it is once the source is this run's
+    if row is not None and not row["same_path"]:  # no load of this path; one of the same content
+        if row["live"]:  # told again once it has ended (see pipeline.load_set)
+            by = f"the same content is being loaded from {row['source']} by load {row['load_id']}"
+            return Plan(row["load_id"], {}, nothing_to_do=by, elsewhere=SAME_CONTENT)
+        known = None if options.restart else await _known_content(conn, ledger, options, source, key, row, holder, renew)
+        if known is not None:
+            return known
+        row = None
+    decision = decide(
+        _previous(row), restart=options.restart, force=options.force, size=size, mtime=modified, boundaries=cut,
+        source=options.shown_as or options.source,
+    )
     if decision.action is Action.NEW:
         load_id = uuid.uuid4().hex
         await ledger.start(
@@ -262,17 +263,23 @@ async def plan(
             holder,
         )
         return Plan(load_id, {})
-    assert decision.load_id is not None
     if decision.action is Action.NOTHING:
-        if options.command is not None and row is not None and row["other_run"]:  # while this run ran
-            by = f"loaded by another run of this command (load {decision.load_id})"
-            return Plan(decision.load_id, {}, nothing_to_do=by, elsewhere=OTHER_RUN)
-        return Plan(decision.load_id, {}, nothing_to_do=decision.note)
+        return _nothing(decision, row, options)
+    assert decision.load_id is not None
     committed = await ledger.committed_batches(conn, decision.load_id)
     if decision.action is Action.VERIFY:
         return Plan(decision.load_id, committed, verify_only=True)
     await ledger.resume(conn, decision.load_id, size, modified, holder)
     return Plan(decision.load_id, committed)
+
+
+def _nothing(decision: Decision, row: asyncpg.Record | None, options: LoadOptions) -> Plan:
+    """The plan of a run with nothing to do: the load finished, by this run's command or not."""
+    assert decision.load_id is not None
+    if options.command is not None and row is not None and row["other_run"]:  # while this run ran
+        by = f"loaded by another run of this command (load {decision.load_id})"
+        return Plan(decision.load_id, {}, nothing_to_do=by, elsewhere=OTHER_RUN)
+    return Plan(decision.load_id, {}, nothing_to_do=decision.note)
 
 
 def _previous(row: asyncpg.Record | None) -> Previous | None:
