@@ -295,8 +295,9 @@ def _done(
     row: asyncpg.Record | None, options: LoadOptions, size: int | None, modified: float | None, cut: dict[str, Any]
 ) -> Decision | None:
     """Nothing to do, when the load of this path that `row` names finished and the file is
-    unchanged since: so whoever asks, and no claim is needed. None: the usual decision."""
-    if row is None or not row["same_path"]:
+    unchanged since, by a run that has ended: no claim is needed. None: the usual decision
+    (a run still going, sharing the set, holds the source's claim: the claim tells)."""
+    if row is None or not row["same_path"] or row["by_live_run"]:
         return None
     try:
         decision = decide(

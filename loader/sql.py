@@ -140,6 +140,7 @@ VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9)
 # ($1, the load key) if any, else of the same content ($2, the content key). `live`: a run
 # (this one, or another sharing the table) is loading it now. `other_run`: another run than
 # this one ($3) began it after this one took the table (two runs sharing a set).
+# `by_live_run`: another run, still going, made it.
 LATEST_LOAD = """
 SELECT load_id, state, source, source_size, source_mtime, started_at, finished_at, runs, boundaries::text AS boundaries,
        coalesce(load_key = $1, false) AS same_path,
@@ -147,7 +148,10 @@ SELECT load_id, state, source, source_size, source_mtime, started_at, finished_a
            SELECT FROM {schema}.leases l WHERE l.holder = d.holder AND """ + LEASE_LIVE.format(alias="l") + """
        ) AS live,
        coalesce(d.holder <> $3::text AND d.started_at >= (
-           SELECT min(taken_at) FROM {schema}.leases WHERE holder = $3::text), false) AS other_run
+           SELECT min(taken_at) FROM {schema}.leases WHERE holder = $3::text), false) AS other_run,
+       coalesce(d.holder <> $3::text, false) AND EXISTS (
+           SELECT FROM {schema}.leases l WHERE l.holder = d.holder AND """ + LEASE_LIVE.format(alias="l") + """
+       ) AS by_live_run
   FROM {schema}.loads d WHERE load_key = $1 OR content_key = $2
  ORDER BY coalesce(load_key = $1, false) DESC, started_at DESC LIMIT 1
 """
