@@ -281,7 +281,7 @@ class SmallFiles:
             if self.options.command is not None and taken:
                 # A run sharing the set takes its new files before it loads them, then asks again:
                 # another run may have loaded one meanwhile. Files some load had, it leaves
-                # untaken (a re-run of the set writes nothing).
+                # untaken (a re-run of the set claims nothing).
                 claimed = await self.ledger.claim_many(conn, [s.load_key for s in taken if s.load_key], self.session.holder)
                 taken = await self._unknown(conn, [s for s in taken if s.load_key in claimed])
             if self._name is not None and taken:  # the first group names the run's sessions
