@@ -143,17 +143,17 @@ VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9)
 # `by_live_run`: another run, still going, made it.
 LATEST_LOAD = """
 SELECT load_id, state, source, source_size, source_mtime, started_at, finished_at, runs, boundaries::text AS boundaries,
-       coalesce(load_key = $1, false) AS same_path,
-       state = 'running' AND EXISTS (
-           SELECT FROM {schema}.leases l WHERE l.holder = d.holder AND """ + LEASE_LIVE.format(alias="l") + """
-       ) AS live,
+       same_path,
+       state = 'running' AND h.live AS live,
        coalesce(d.holder <> $3::text AND d.started_at >= (
            SELECT min(taken_at) FROM {schema}.leases WHERE holder = $3::text), false) AS other_run,
-       coalesce(d.holder <> $3::text, false) AND EXISTS (
-           SELECT FROM {schema}.leases l WHERE l.holder = d.holder AND """ + LEASE_LIVE.format(alias="l") + """
-       ) AS by_live_run
-  FROM {schema}.loads d WHERE load_key = $1 OR content_key = $2
- ORDER BY coalesce(load_key = $1, false) DESC, started_at DESC LIMIT 1
+       coalesce(d.holder <> $3::text, false) AND h.live AS by_live_run
+  FROM (SELECT *, coalesce(load_key = $1, false) AS same_path FROM {schema}.loads
+         WHERE load_key = $1 OR content_key = $2
+         ORDER BY same_path DESC, started_at DESC LIMIT 1) d
+ CROSS JOIN LATERAL (  -- whether the run that made the load still holds its lease
+       SELECT EXISTS (SELECT FROM {schema}.leases l WHERE l.holder = d.holder AND """ + LEASE_LIVE.format(alias="l") + """) AS live
+       ) h
 """
 
 # A load's source under a new name (renamed or moved): its runs from now on go by that name.
@@ -226,12 +226,15 @@ SELECT client, load_id, taken_at, expires_at, backend_pid IS NULL AS pooled
 
 # A run sharing a file set takes a source ($1 its load key) for itself ($2 its holder): no
 # row back in `claimed` when a live run (its lease) has it. `client`: the run that has it.
+# A claim is this run's already, or taken over from a run whose lease has ended.
+_CLAIM_TAKEN = """
+ON CONFLICT (load_key) DO UPDATE SET holder = EXCLUDED.holder, claimed_at = EXCLUDED.claimed_at
+ WHERE c.holder = EXCLUDED.holder OR NOT EXISTS (
+       SELECT FROM {schema}.leases l WHERE l.holder = c.holder AND """ + LEASE_LIVE.format(alias="l") + """)"""
+
 CLAIM_SOURCE = """
 WITH claimed AS (
-    INSERT INTO {schema}.claims AS c (load_key, holder, claimed_at) VALUES ($1, $2, clock_timestamp())
-    ON CONFLICT (load_key) DO UPDATE SET holder = EXCLUDED.holder, claimed_at = EXCLUDED.claimed_at
-     WHERE c.holder = EXCLUDED.holder OR NOT EXISTS (
-           SELECT FROM {schema}.leases l WHERE l.holder = c.holder AND """ + LEASE_LIVE.format(alias="l") + """)
+    INSERT INTO {schema}.claims AS c (load_key, holder, claimed_at) VALUES ($1, $2, clock_timestamp())""" + _CLAIM_TAKEN + """
     RETURNING holder
 )
 SELECT EXISTS (SELECT FROM claimed) AS claimed,
@@ -243,10 +246,7 @@ SELECT EXISTS (SELECT FROM claimed) AS claimed,
 # two runs claiming overlapping sets take their rows in the same order): the keys claimed.
 CLAIM_SOURCES = """
 INSERT INTO {schema}.claims AS c (load_key, holder, claimed_at)
-SELECT k, $2, clock_timestamp() FROM unnest($1::text[]) AS k
-ON CONFLICT (load_key) DO UPDATE SET holder = EXCLUDED.holder, claimed_at = EXCLUDED.claimed_at
- WHERE c.holder = EXCLUDED.holder OR NOT EXISTS (
-       SELECT FROM {schema}.leases l WHERE l.holder = c.holder AND """ + LEASE_LIVE.format(alias="l") + """)
+SELECT k, $2, clock_timestamp() FROM unnest($1::text[]) AS k""" + _CLAIM_TAKEN + """
 RETURNING load_key
 """
 
