@@ -252,10 +252,7 @@ async def plan(
         if known is not None:
             return known
         row = None
-    decision = decide(
-        _previous(row), restart=options.restart, force=options.force, size=size, mtime=modified, boundaries=cut,
-        source=options.shown_as or options.source,
-    )
+    decision = _decide(row, options, size, modified, cut)
     if decision.action is Action.NEW:
         load_id = uuid.uuid4().hex
         await ledger.start(
@@ -282,12 +279,18 @@ def _nothing(decision: Decision, row: asyncpg.Record | None, options: LoadOption
     return Plan(decision.load_id, {}, nothing_to_do=decision.note)
 
 
-def _previous(row: asyncpg.Record | None) -> Previous | None:
-    """The load of this path that `row` (Ledger.latest) names, as `decide` weighs it."""
-    if row is None:
-        return None
-    return Previous(
-        row["load_id"], row["state"], row["source_size"], row["source_mtime"], row["finished_at"], json.loads(row["boundaries"])
+def _decide(
+    row: asyncpg.Record | None, options: LoadOptions, size: int | None, modified: float | None, cut: dict[str, Any]
+) -> Decision:
+    """`decide`, on the load of this path that `row` (Ledger.latest) names."""
+    previous = None
+    if row is not None:
+        previous = Previous(
+            row["load_id"], row["state"], row["source_size"], row["source_mtime"], row["finished_at"], json.loads(row["boundaries"])
+        )
+    return decide(
+        previous, restart=options.restart, force=options.force, size=size, mtime=modified, boundaries=cut,
+        source=options.shown_as or options.source,
     )
 
 
@@ -300,10 +303,7 @@ def _done(
     if row is None or not row["same_path"] or row["by_live_run"]:
         return None
     try:
-        decision = decide(
-            _previous(row), restart=options.restart, force=options.force, size=size, mtime=modified, boundaries=cut,
-            source=options.shown_as or options.source,
-        )
+        decision = _decide(row, options, size, modified, cut)
     except UsageError:
         return None  # told once the source is this run's
     return decision if decision.action is Action.NOTHING else None
