@@ -176,6 +176,7 @@ def server_text(message: str, detail: str | None, hint: str | None) -> str:
 # function called by the COPY adds lines of its own to the context, and a value may hold
 # line breaks: the column's name ends at the value, or at the end of its line.
 _COPY_COLUMN = re.compile(r'^COPY [^\n]*?, line \d+, column ([^\n]+?)(?:: "|: null input$|$)', re.MULTILINE)
+_COPY_VALUE = re.compile(r'^COPY [^\n]*?, line \d+, column [^\n]+?: "([^\n]*)"$', re.MULTILINE)
 _PLAIN_NAME = re.compile(r"[a-z_][a-z0-9_$]*")
 
 
@@ -183,6 +184,14 @@ def refused_column(exc: BaseException) -> str | None:
     """The column whose value a COPY refused, as the server's error context names it."""
     context = getattr(exc, "context", None)
     match = _COPY_COLUMN.search(context) if isinstance(context, str) else None
+    return match.group(1) if match else None
+
+
+def refused_value(exc: BaseException) -> str | None:
+    """The value a COPY refused in a column, as the error context shows it (in full up to 30
+    characters); None where the context shows none (constraints, field counts, NULL)."""
+    context = getattr(exc, "context", None)
+    match = _COPY_VALUE.search(context) if isinstance(context, str) else None
     return match.group(1) if match else None
 
 

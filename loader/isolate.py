@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from .batching import Batch
-from .errors import BAD_COPY_FILE_FORMAT, MisreadRecords, is_data_error, reject_message, sqlstate
+from .errors import BAD_COPY_FILE_FORMAT, DATA_EXCEPTION, MisreadRecords, is_data_error, refused_value, reject_message, sqlstate
 from .options import CsvDialect
 from .records import NO_RECORDS, Bytes, Records, RecordSyntax, Run, find_copy_line, split_records
 from .rejects import Reject
@@ -54,13 +54,101 @@ def misread_message(data: Bytes, rows: int, records: int) -> str:
     )
 
 
+MAX_REFUSED_VALUES = 16
+MAX_LOOKS = 4  # places a refused value is checked at, per piece
+# Searching costs about as much per byte as cutting pieces does: a value is searched for as
+# long as it turns up once in this many bytes searched (a bad row in a thousand does: about
+# one in 170 KB), so a value that does not repeat costs a search of this many bytes, once.
+SEARCH_BUDGET = 256 * 1024
+
+
+@dataclass
+class _Refused:
+    field: int  # which field of a record (from 0)
+    value: bytes  # its bytes, unquoted
+    needle: bytes  # what to search for: the value with the delimiters around it
+    found: int = 0  # records found holding it
+    missed: int = 0  # places the needle was, not in its field
+    searched: int = 0  # bytes searched for it
+
+
+class RefusedValues:
+    """Values the server refused in a field, by their bytes. A type's input function gives
+    the same answer to the same text, so a later record holding the same bytes in the same
+    field is refused too (for that field, or an earlier one): it goes in a COPY of its own,
+    rather than costing a refused piece and the rows parsed before it. Bad values repeat in
+    real files (n/a, -, 0000-00-00), and only the server says why a record is refused, so
+    such a record is still sent: a guess never decides an outcome, it only places a cut.
+    Only records without quotes are looked at: their fields are split at the delimiter."""
+
+    def __init__(self, dialect: CsvDialect) -> None:
+        self._encoding = dialect.python_encoding
+        self._delimiter = dialect.delimiter.encode(self._encoding)
+        self._syntax = RecordSyntax.of(dialect)
+        self._values: dict[tuple[int, bytes], _Refused] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._values)
+
+    def learn(self, record: Bytes, error: BaseException) -> None:
+        """Remember the value `record` was refused for, when the error shows it and it is the
+        bytes of exactly one of the record's fields."""
+        shown = refused_value(error)
+        record = bytes(record)
+        if not shown or not (sqlstate(error) or "").startswith(DATA_EXCEPTION) or self._syntax.quote in record:
+            return
+        try:
+            value = shown.encode(self._encoding)
+        except UnicodeError:
+            return
+        fields = record.split(self._delimiter)
+        where = [i for i, f in enumerate(fields) if f == value]
+        if len(where) != 1 or (where[0], value) in self._values:
+            return
+        if len(self._values) >= MAX_REFUSED_VALUES:
+            del self._values[next(iter(self._values))]
+        needle = (self._delimiter if where[0] else b"") + value + (self._delimiter if where[0] < len(fields) - 1 else b"")
+        self._values[where[0], value] = _Refused(where[0], value, needle)
+
+    def first(self, data: Bytes, start: int, end: int) -> int | None:
+        """Where the first line of data[start:end] holding a refused value in its field starts
+        (`start` is a record start); None if none does. Whether the line starts a record, or
+        is inside a quoted field, the caller tells as it cuts the piece before it."""
+        first = None
+        newline, quote = self._syntax.newline, self._syntax.quote
+        for refused in list(self._values.values()):
+            bound = end if first is None else first
+            at = data.find(refused.needle, start, bound)
+            looks = 0
+            while at >= 0 and looks < MAX_LOOKS:
+                looks += 1
+                line = data.rfind(newline, start, at) + 1 or start
+                line_end = data.find(newline, at)
+                text = data[line : line_end if line_end >= 0 else len(data)]
+                fields = text.removesuffix(b"\r").split(self._delimiter) if quote not in text else []
+                if len(fields) > refused.field and fields[refused.field] == refused.value:
+                    refused.found += 1
+                    first = bound = line
+                    break
+                refused.missed += 1
+                at = data.find(refused.needle, at + 1, bound)
+            refused.searched += bound - start
+            if refused.searched > (refused.found + 1) * SEARCH_BUDGET or refused.missed > MAX_LOOKS * (refused.found + 1):
+                del self._values[refused.field, refused.value]  # rare, or mostly in other fields: not worth it
+        return first
+
+
 @dataclass
 class ErrorRate:
     """Bad rows among the rows isolated so far in a load. It sizes the pieces: one batch alone
-    holds too few bad rows to tell the density, and a guess too high costs many small COPYs."""
+    holds too few bad rows to tell the density, and a guess too high costs many small COPYs.
+    Bad rows foreseen (by a value refused before) cost no refused piece: they do not count
+    for the pieces' size, only for whether a batch is doomed."""
 
     bad: int = 0
     rows: int = 0
+    foreseen: int = 0
+    refused: RefusedValues | None = None
 
     def doomed(self, rows: int) -> bool:
         """Whether a COPY of `rows` rows would almost surely be refused: three bad rows expected
@@ -68,7 +156,7 @@ class ErrorRate:
         return self.bad * rows >= 3 * self.rows > 0
 
     def piece(self) -> int:
-        density = max(1, self.bad) / max(1, self.rows)
+        density = max(1, self.bad - self.foreseen) / max(1, self.rows)
         return max(MIN_PIECE, int(PIECE_FACTOR / math.sqrt(density)))
 
 
@@ -96,12 +184,13 @@ async def isolate(
         return await _resolve(split_records(data, batch.first_line, dialect), copy, copy_line, first_error, rate)
     newline = syntax.newline
     cut = _Cut(syntax, batch.rows == batch.lines)
+    refused = rate.refused = rate.refused or RefusedValues(dialect)
     record_bytes = len(data) / max(1, batch.rows)
     loaded = 0
     rejects: list[Reject] = []
     carry = NO_RECORDS  # known good, split: they go with the next piece
     start, line = 0, batch.first_line  # data[start:] is not split yet, and starts on source line `line`
-    end, error = len(data), first_error
+    end, error, alone = len(data), first_error, False
     while start < len(data) or carry:
         if error is None:
             at = len(data)
@@ -109,7 +198,17 @@ async def isolate(
                 piece = rate.piece()
                 # As many known good records as a piece go alone, lest failures pile them up.
                 at = start if len(carry) >= piece else start + int(piece * record_bytes)
-            end, records, lines = cut.piece(data, start, at) if at > start else (start, 0, 0)
+            # A record holding a value refused before goes alone, after the records before it.
+            suspect = refused.first(data, start, at) if refused and at > start else None
+            alone = suspect == start and not carry
+            if suspect is None:
+                end, records, lines = cut.piece(data, start, at) if at > start else (start, 0, 0)
+            elif suspect > start:  # the piece ends after it instead if the line is inside a quoted field
+                end, records, lines = cut.piece(data, start, suspect - 1)
+            elif carry:
+                end, records, lines = start, 0, 0
+            else:
+                end, records, lines = cut.piece(data, start, start)
             try:
                 rows = await copy(carry.data + data[start:end], len(carry) + records)
             except Exception as exc:
@@ -138,6 +237,8 @@ async def isolate(
             loaded += 1
         else:
             rejects.append(reject)
+            rate.foreseen += alone
+            refused.learn(view.bare(bad), error)
         rate.rows += max(0, bad + 1 - len(carry))
         if bad < len(carry):  # a record carried as good failed: the piece after it was not reached
             carry = view.slice(0, bad) + view.slice(bad + 1, len(carry))

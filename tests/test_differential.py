@@ -349,3 +349,37 @@ def test_a_record_with_another_line_ending_loads_as_it_does_alone(
 ) -> None:
     csv_file = CsvFile([b"1,1,,,t,a", b"2,1,,,t,b"], [b"\n", b"\r\n"])
     check_against_oracle(db, tmp_path, csv_file, workers, batch_size)
+
+
+# --- bad values that repeat -------------------------------------------------------------------
+#
+# A value refused once in a field is looked for in the records after it (see isolate.py's
+# RefusedValues): those holding it in that field go alone. Here the same bytes also stand in
+# other fields, in a record refused for an earlier field first, and on a line inside a quoted
+# field; each record still loads, or is refused, as it does alone.
+
+
+def repeating_bad_values(eol: bytes) -> CsvFile:
+    records = []
+    for i in range(1, 121):
+        fields = [str(i).encode(), b"1.5", b"2024-01-01", b"2024-01-01 00:00+00", b"t", b"text %d" % i]
+        if i % 10 == 3:
+            fields[0] = b"one"
+        elif i % 10 == 5:
+            fields[4] = b"maybe"
+        elif i % 10 == 7:
+            fields[2] = b"soon"
+        elif i % 10 == 8:
+            fields[5] = (b"maybe", b"soon", b"one")[i % 3]  # the same bytes in a text field: good
+        elif i % 20 == 9:
+            fields[0], fields[2] = b"one", b"soon"  # refused for its first bad field
+        elif i % 20 == 19:
+            fields[5] = quoted(b"three\n%d,1.5,soon,,maybe,x\nlines" % i)  # the look-alike is inside quotes
+        records.append(b",".join(fields))
+    return CsvFile(records, [eol] * len(records), eol)
+
+
+@pytest.mark.parametrize("batch_size", [7, None], ids=["batch7", "batch-default"])
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n"], ids=["lf", "crlf"])
+def test_records_holding_a_value_refused_before_load_as_they_do_alone(db: Db, tmp_path: Path, eol: bytes, batch_size: int | None) -> None:
+    check_against_oracle(db, tmp_path, repeating_bad_values(eol), 1, batch_size)

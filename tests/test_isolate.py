@@ -1,9 +1,20 @@
-"""The slow path's piece sizing: a batch goes whole until bad rows are dense enough to doom it.
-(Where records end and which one the server names: tests/test_records.py.)"""
+"""The slow path's cost: a batch goes whole until bad rows are dense enough to doom it, and a
+value the server refused once costs no refused piece again. (Where records end and which one
+the server names: tests/test_records.py; outcomes against psql row by row: test_differential.py.)"""
 
 from __future__ import annotations
 
-from loader.isolate import ErrorRate
+import asyncio
+import io
+from pathlib import Path
+
+import asyncpg
+
+from helpers import Db, batches_of
+from loader.copywire import copy_line
+from loader.isolate import ErrorRate, isolate
+from loader.options import CsvDialect
+from loader.rejects import Reject
 
 
 def test_a_batch_is_sent_whole_until_bad_rows_are_dense_enough_to_doom_it() -> None:
@@ -13,3 +24,71 @@ def test_a_batch_is_sent_whole_until_bad_rows_are_dense_enough_to_doom_it() -> N
     assert not rate.doomed(10_000)  # one bad row per batch expected: usually worth a try
     rate.bad, rate.rows = 3, 1_000
     assert rate.doomed(1_000) and not rate.doomed(100)
+
+
+
+def _isolate_file(db: Db, path: Path, batch_rows: int) -> tuple[list[int], list[asyncpg.Record], list[Reject]]:
+    """Every batch of `path` through `isolate` into table t, as a load sends them (one error
+    rate for the load, each COPY in a savepoint), rolled back at the end. Returns how many
+    records each refused COPY held, the rows loaded, and the rejects."""
+    refused: list[int] = []
+    rejects: list[Reject] = []
+
+    async def go() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(db.dsn)
+        try:
+            transaction = conn.transaction()
+            await transaction.start()
+
+            async def copy(data: bytes | bytearray, records: int) -> int:
+                try:
+                    async with conn.transaction():
+                        status = await conn.copy_to_table("t", source=io.BytesIO(data), format="csv")
+                except asyncpg.DataError:
+                    refused.append(records)
+                    raise
+                return int(status.split()[-1])
+
+            rate = ErrorRate()
+            for batch in batches_of(path, batch_rows):
+                _, found = await isolate(batch, CsvDialect(), copy, copy_line, rate=rate)
+                rejects.extend(found)
+            rows = await conn.fetch("SELECT id, n, note FROM t ORDER BY id")
+            await transaction.rollback()
+            return rows
+        finally:
+            await conn.close()
+
+    return refused, asyncio.run(go()), rejects
+
+
+def test_a_record_holding_a_value_refused_before_costs_one_copy_of_its_own(db: Db, tmp_path: Path) -> None:
+    """Once the server has refused a value in a field, a later record holding the same bytes in
+    that field goes in a COPY of its own: no piece of good rows is refused for it, and every
+    record's outcome is still the server's, as when each goes alone."""
+    db.script("CREATE TABLE t (id int, n int, note text, tag text)")
+    lines, bad = ["id,n,note,tag"], {}
+    for i in range(1, 3001):
+        if i % 100 == 7:  # the refused value, in its field
+            lines.append(f"{i},n/a,note {i},t")
+            bad[i] = 'column n: invalid input syntax for type integer: "n/a"'
+        elif i % 100 == 31:  # the same bytes in another field: a good row
+            lines.append(f"{i},{i},n/a,t")
+        elif i == 1550:  # the refused value, after a field the server refuses first
+            lines.append(f"x{i},n/a,note,t")
+            bad[i] = 'column id: invalid input syntax for type integer: "x1550"'
+        elif i == 2222:  # a line like one holding it, inside a quoted field: part of a good row
+            lines.append(f'{i},{i},"three\n{i},n/a,lines,t\nof a note",t')
+        else:
+            lines.append(f"{i},{i},note {i},t")
+    path = tmp_path / "data.csv"
+    path.write_text("\n".join(lines) + "\n")
+
+    refused, loaded, rejects = _isolate_file(db, path, batch_rows=1000)
+
+    line_of = {i: i + 1 + 2 * (i > 2222) for i in range(1, 3001)}  # record 2222 spans three lines
+    assert [(r.line, r.message) for r in rejects] == [(line_of[i], message) for i, message in bad.items()]
+    assert [row["id"] for row in loaded] == [i for i in range(1, 3001) if i not in bad]
+    assert all(row["n"] == row["id"] for row in loaded)
+    assert refused[0] == 1000, "the first batch is sent whole"
+    assert refused[1:] == [1] * (len(bad) - 1), "after the first refusal, each refused COPY held one record"
