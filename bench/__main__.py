@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--files", type=int, default=500, help="files in the many-small-files comparison (default 500; 0: skip it)")
     parser.add_argument("--file-rows", type=int, default=1000, help="rows in each of those files (default 1,000)")
     parser.add_argument("--files-only", action="store_true", help="measure only the many-small-files comparison")
-    parser.add_argument("--bad-rows-only", action="store_true", help="measure only the 0.1%%-bad-rows comparison (at the defaults and 4 workers)")
+    parser.add_argument("--bad-rows-only", action="store_true", help="measure only the 0.1%%-bad-rows comparisons (at the defaults and 4 workers; and with a value of its own in each bad row)")
     args = parser.parse_args(argv)
     if args.modes_only and args.no_modes:
         parser.error("--modes-only and --no-modes exclude each other")
@@ -509,6 +509,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"0.1% bad rows: {report['bad_rows']}")
             report["bad_rows_4_workers"] = bench.measure_bad_rows(path, bad_path, args.rows, args.rows // bad_every, args.runs, workers=4)
             print(f"0.1% bad rows, --workers 4: {report['bad_rows_4_workers']}")
+            # The bad rows above all hold one placeholder; here each holds a value of its own,
+            # which no bad row before it foretells (see isolate.RefusedValues).
+            distinct_path = data / f"bench-{args.rows}-bad-distinct.csv"
+            if not distinct_path.exists():
+                write(distinct_path, args.rows, bad_every=bad_every, distinct=True)
+            report["bad_rows_distinct"] = bench.measure_bad_rows(path, distinct_path, args.rows, args.rows // bad_every, args.runs)
+            print(f"0.1% bad rows, each with a value of its own: {report['bad_rows_distinct']}")
         if not args.no_modes:
             other = data / f"bench-{args.rows}-seed2.csv"
             if not other.exists():

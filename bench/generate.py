@@ -40,9 +40,10 @@ def _note(rnd: random.Random) -> str:
     return " ".join(rnd.choices(_WORDS, k=14))
 
 
-def write(path: Path, rows: int, seed: int = 1, bad_every: int = 0) -> Path:
+def write(path: Path, rows: int, seed: int = 1, bad_every: int = 0, distinct: bool = False) -> Path:
     """Write `rows` records (plus a header) to `path`; one row in `bad_every` (0: none), at
-    random places, has a letter in an integer column. The same arguments always write the
+    random places, has a letter in an integer column: `n/a` in each, as exports write a
+    placeholder, or (`distinct`) a value of its own in each. The same arguments always write the
     same bytes, and the other rows are those of the file without bad rows. Bad rows at
     random, not every n-th row: a period lines up with the loader's piece sizes and makes
     some sizes look far better or worse than they are. Another `seed` writes the same ids
@@ -65,7 +66,7 @@ def write(path: Path, rows: int, seed: int = 1, bad_every: int = 0) -> Path:
             category_field = f'"{category}"' if "," in category else category
             user = "" if i % 17 == 0 else str(rnd.randint(1, 2_000_000))
             if i in bad:
-                user = "n/a"
+                user = f"{i}x" if distinct else "n/a"
             chunk.append(
                 f"{i},2024-{1 + i % 12:02d}-{1 + i % 28:02d} {i % 24:02d}:{i % 60:02d}:{(i * 7) % 60:02d}+00,"
                 f"{user},{rnd.randint(0, 10**8) / 100:.2f},{rnd.random():.12f},{'t' if i % 3 else 'f'},"

@@ -33,7 +33,7 @@ def test_bench_runs_end_to_end_and_verifies_every_load(db: Db, tmp_path: Path) -
         assert result["rows_per_s"] > 0 and result["peak_rss_mb"] > 0 and result["cpu_s_per_million_rows"] > 0
         assert len(result["runs"]) == 1
     assert methods["psql \\copy"]["ratio_to_psql_copy"] == 1.0
-    assert report["bad_rows"]["ratio"] > 0 and report["bad_rows_4_workers"]["ratio"] > 0
+    assert report["bad_rows"]["ratio"] > 0 and report["bad_rows_4_workers"]["ratio"] > 0 and report["bad_rows_distinct"]["ratio"] > 0
     assert len(report["bad_rows"]["targets"]) == 1
     indexed = {r["method"]: r for r in report["indexed"]["results"]}
     assert {"psql \\copy", "loader --workers 2", "loader --workers auto", "loader (defaults)"} == indexed.keys()
