@@ -184,7 +184,9 @@ async def isolate(
         return await _resolve(split_records(data, batch.first_line, dialect), copy, copy_line, first_error, rate)
     newline = syntax.newline
     cut = _Cut(syntax, batch.rows == batch.lines)
-    refused = rate.refused = rate.refused or RefusedValues(dialect)
+    if rate.refused is None:
+        rate.refused = RefusedValues(dialect)
+    refused = rate.refused
     record_bytes = len(data) / max(1, batch.rows)
     loaded = 0
     rejects: list[Reject] = []
