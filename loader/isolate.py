@@ -6,7 +6,9 @@ pieces sized from the error density seen so far: a piece that fails has parsed a
 of itself in vain, and every piece costs a COPY, so the size that spends least is about
 sqrt(2 c / (r d)) rows for a density d, a COPY's fixed cost c and a row's parse cost r
 (see PIECE_FACTOR). Each bad row costs one refused COPY, and the rows parsed in vain stay
-close to the bad ones.
+close to the bad ones. A bad row foreseen, by a value refused twice before in its field
+(see RefusedValues), costs less: it goes alone, before its piece, which leaves it out, so
+that it counts for neither the density nor the pieces' size.
 
 Pieces are cut at record ends by bytes (counting quotes, in C: see `records`), so the
 pieces that load cost no Python work per row; only a refused piece is split into records,
@@ -16,9 +18,11 @@ records from being cut by counting quotes, the records are split and the pieces 
 
 from __future__ import annotations
 
+import csv
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from .batching import Batch
 from .errors import BAD_COPY_FILE_FORMAT, DATA_EXCEPTION, MisreadRecords, is_data_error, refused_value, reject_message, sqlstate
@@ -38,10 +42,13 @@ def _reject(records: Records, i: int, exc: BaseException) -> Reject:
     return Reject(records.lines[i], sqlstate(exc) or "", reject_message(exc), bytes(records.bare(i)))
 
 
-# Sends one COPY of the records in `data`, of which there are `records`: returns the rows
-# loaded, and raises MisreadRecords (in the savepoint, undone) when the server took another
-# number of rows, so that no record is ever counted as loaded but lost, or loaded twice.
-Copy = Callable[[Bytes, int], Awaitable[int]]
+class Copy(Protocol):
+    """Sends one COPY of the records in `data`, of which there are `records`, in a savepoint:
+    returns the rows loaded, and raises MisreadRecords (in the savepoint, undone) when the
+    server took another number of rows, so that no record is ever counted as loaded but
+    lost, or loaded twice. With `keep` false, rows it loaded are undone all the same."""
+
+    def __call__(self, data: Bytes, records: int, keep: bool = True) -> Awaitable[int]: ...
 
 
 def misread_message(data: Bytes, rows: int, records: int) -> str:
@@ -54,11 +61,12 @@ def misread_message(data: Bytes, rows: int, records: int) -> str:
     )
 
 
-MAX_REFUSED_VALUES = 16
-MAX_LOOKS = 4  # places a refused value is checked at, per piece
+MAX_REFUSED_VALUES = 16  # looked for at once
+MAX_REFUSED_ONCE = 64  # remembered until refused again
+MAX_LOOKS = 4  # places a refused value is checked at, per search
 # Searching costs about as much per byte as cutting pieces does: a value is searched for as
 # long as it turns up once in this many bytes searched (a bad row in a thousand does: about
-# one in 170 KB), so a value that does not repeat costs a search of this many bytes, once.
+# one in 170 KB).
 SEARCH_BUDGET = 256 * 1024
 
 
@@ -75,47 +83,59 @@ class _Refused:
 class RefusedValues:
     """Values the server refused in a field, by their bytes. A type's input function gives
     the same answer to the same text, so a later record holding the same bytes in the same
-    field is refused too (for that field, or an earlier one): it goes in a COPY of its own,
-    rather than costing a refused piece and the rows parsed before it. Bad values repeat in
-    real files (n/a, -, 0000-00-00), and only the server says why a record is refused, so
-    such a record is still sent: a guess never decides an outcome, it only places a cut.
-    Only records without quotes are looked at: their fields are split at the delimiter."""
+    field is refused too (for that field, or an earlier one): it can go alone, rather than
+    cost a refused piece and the rows parsed before it. Bad values repeat in real files
+    (n/a, -, 0000-00-00); only the server says why a record is refused, so a guess never
+    decides an outcome. A value is looked for once refused twice (a value of its own in each
+    bad row would cost a search and save nothing), where it stands unquoted, and as long as
+    it keeps turning up."""
 
     def __init__(self, dialect: CsvDialect) -> None:
+        self._dialect = dialect
         self._encoding = dialect.python_encoding
         self._delimiter = dialect.delimiter.encode(self._encoding)
         self._syntax = RecordSyntax.of(dialect)
-        self._values: dict[tuple[int, bytes], _Refused] = {}
+        self._null = dialect.null.encode(self._encoding)
+        self._once: dict[tuple[int, bytes], None] = {}  # refused once, the latest last
+        self._values: dict[tuple[int, bytes], _Refused] = {}  # refused twice: looked for
 
     def __bool__(self) -> bool:
         return bool(self._values)
 
     def learn(self, record: Bytes, error: BaseException) -> None:
-        """Remember the value `record` was refused for, when the error shows it and it is the
-        bytes of exactly one of the record's fields."""
+        """Note the value `record` was refused for, when the error shows it and it is the bytes
+        of exactly one of the record's fields; the second time, look for it from then on."""
         shown = refused_value(error)
-        record = bytes(record)
-        if not shown or not (sqlstate(error) or "").startswith(DATA_EXCEPTION) or self._syntax.quote in record:
+        if not shown or not (sqlstate(error) or "").startswith(DATA_EXCEPTION):
             return
         try:
             value = shown.encode(self._encoding)
         except UnicodeError:
             return
-        fields = record.split(self._delimiter)
+        if value == self._null:  # refused quoted: where it stands unquoted, it is NULL
+            return
+        fields = self._fields(bytes(record))
         where = [i for i, f in enumerate(fields) if f == value]
         if len(where) != 1 or (where[0], value) in self._values:
             return
+        key = (where[0], value)
+        if key not in self._once:
+            self._once[key] = None
+            if len(self._once) > MAX_REFUSED_ONCE:
+                del self._once[next(iter(self._once))]
+            return
+        del self._once[key]
         if len(self._values) >= MAX_REFUSED_VALUES:
             del self._values[next(iter(self._values))]
         needle = (self._delimiter if where[0] else b"") + value + (self._delimiter if where[0] < len(fields) - 1 else b"")
-        self._values[where[0], value] = _Refused(where[0], value, needle)
+        self._values[key] = _Refused(where[0], value, needle)
 
     def first(self, data: Bytes, start: int, end: int) -> int | None:
         """Where the first line of data[start:end] holding a refused value in its field starts
         (`start` is a record start); None if none does. Whether the line starts a record, or
         is inside a quoted field, the caller tells as it cuts the piece before it."""
         first = None
-        newline, quote = self._syntax.newline, self._syntax.quote
+        newline = self._syntax.newline
         for refused in list(self._values.values()):
             bound = end if first is None else first
             at = data.find(refused.needle, start, bound)
@@ -124,8 +144,7 @@ class RefusedValues:
                 looks += 1
                 line = data.rfind(newline, start, at) + 1 or start
                 line_end = data.find(newline, at)
-                text = data[line : line_end if line_end >= 0 else len(data)]
-                fields = text.removesuffix(b"\r").split(self._delimiter) if quote not in text else []
+                fields = self._fields(bytes(data[line : line_end if line_end >= 0 else len(data)].removesuffix(b"\r")))
                 if len(fields) > refused.field and fields[refused.field] == refused.value:
                     refused.found += 1
                     first = bound = line
@@ -136,6 +155,19 @@ class RefusedValues:
             if refused.searched > (refused.found + 1) * SEARCH_BUDGET or refused.missed > MAX_LOOKS * (refused.found + 1):
                 del self._values[refused.field, refused.value]  # rare, or mostly in other fields: not worth it
         return first
+
+    def _fields(self, record: bytes) -> list[bytes]:
+        """The fields of a record, unquoted ([] if its quotes do not pair up on it)."""
+        if self._syntax.quote not in record:
+            return record.split(self._delimiter)
+        if record.count(self._syntax.quote) % 2:
+            return []
+        try:
+            line = record.decode(self._encoding, "surrogateescape")
+            fields = next(csv.reader([line], delimiter=self._dialect.delimiter, quotechar=self._dialect.quote, strict=True))
+        except (csv.Error, StopIteration):
+            return []
+        return [field.encode(self._encoding, "surrogateescape") for field in fields]
 
 
 @dataclass
@@ -192,7 +224,65 @@ async def isolate(
     rejects: list[Reject] = []
     carry = NO_RECORDS  # known good, split: they go with the next piece
     start, line = 0, batch.first_line  # data[start:] is not split yet, and starts on source line `line`
-    end, error, alone = len(data), first_error, False
+    skipped: list[tuple[int, int, int]] = []  # records past `start` already rejected alone: (start, end, line endings)
+
+    async def alone(at: int, end: int, at_line: int) -> bool:
+        """Send data[at:end], a record holding a refused value, alone, its row never kept:
+        whether it was rejected (else it goes with its piece)."""
+        try:
+            await copy(data[at:end], 1, keep=False)
+            return False
+        except Exception as exc:
+            if not is_data_error(exc):
+                raise
+            record = split_records(data[at:end], at_line, dialect)
+            rejects.append(await _settle(record, 0, exc, copy, rate) or _reject(record, 0, exc))
+            rate.rows += 1
+            rate.foreseen += 1
+            return True
+
+    async def around(at: int) -> tuple[list[Run], int, int, int]:
+        """The piece from `start` to the end of the record ending at or after byte `at`, in
+        parts, without the records rejected alone: those in `skipped`, and those holding a
+        refused value, each sent alone first. (parts, records, end, line endings to end)."""
+        parts: list[Run] = []
+        records = lines = 0
+        pos, k, at = start, 0, min(at, len(data))
+        reach = data.find(newline, at) + 1 or len(data)  # the line holding byte `at` is in the piece: searched to its end
+
+        def take(upto: int) -> int:
+            nonlocal records, lines, pos
+            end, n, spanned = cut.piece(data, pos, upto)
+            if parts and parts[-1][1] == pos:
+                parts[-1] = (parts[-1][0], end)
+            else:
+                parts.append((pos, end))
+            records, lines, pos = records + n, lines + spanned, end
+            return end
+
+        while pos < at:
+            while k < len(skipped) and skipped[k][0] < pos:
+                k += 1
+            hole = skipped[k][0] if k < len(skipped) else len(data)
+            suspect = refused.first(data, pos, min(reach, hole)) if refused else None
+            if suspect is None and hole >= at:
+                take(at)
+                break
+            stop = hole if suspect is None else suspect
+            if stop > pos and take(stop - 1) != stop:  # the look-alike line is inside a quoted field
+                continue
+            if suspect is None:
+                lines, pos = lines + skipped[k][2], skipped[k][1]
+                continue
+            end, _, spanned = cut.piece(data, pos, pos)
+            if await alone(pos, end, line + lines):
+                skipped.insert(k, (pos, end, spanned))
+                lines, pos = lines + spanned, end
+            else:
+                take(pos)
+        return parts, records, pos, lines
+
+    parts, end, lines, error = [(0, len(data))], len(data), 0, first_error
     while start < len(data) or carry:
         if error is None:
             at = len(data)
@@ -200,19 +290,10 @@ async def isolate(
                 piece = rate.piece()
                 # As many known good records as a piece go alone, lest failures pile them up.
                 at = start if len(carry) >= piece else start + int(piece * record_bytes)
-            # A record holding a value refused before goes alone, after the records before it.
-            suspect = refused.first(data, start, at) if refused and at > start else None
-            alone = suspect == start and not carry
-            if suspect is None:
-                end, records, lines = cut.piece(data, start, at) if at > start else (start, 0, 0)
-            elif suspect > start:  # the piece ends after it instead if the line is inside a quoted field
-                end, records, lines = cut.piece(data, start, suspect - 1)
-            elif carry:
-                end, records, lines = start, 0, 0
-            else:
-                end, records, lines = cut.piece(data, start, start)
+            parts, records, end, lines = await around(at)
+            sent = carry.data + data[parts[0][0] : parts[0][1]] if len(parts) == 1 else carry.data + b"".join(data[a:b] for a, b in parts)
             try:
-                rows = await copy(carry.data + data[start:end], len(carry) + records)
+                rows = await copy(sent, len(carry) + records) if sent else 0
             except Exception as exc:
                 if not is_data_error(exc):
                     raise
@@ -223,9 +304,17 @@ async def isolate(
                 carry = NO_RECORDS
                 line += lines
                 start = end
+                skipped = [hole for hole in skipped if hole[0] >= start]
                 continue
-        # The COPY of carry + data[start:end] failed with `error`.
-        view, bad = _locate(carry, data, start, end, line, copy_line(error), len(data) / max(1, batch.lines), syntax, dialect)
+        # The COPY of carry + the parts of data[start:end] failed with `error`.
+        reported = copy_line(error)
+        if parts == [(start, end)]:
+            view, bad = _locate(carry, data, start, end, line, reported, len(data) / max(1, batch.lines), syntax, dialect)
+        else:  # around records rejected alone
+            view = carry
+            for a, b in parts:
+                view = view + split_records(data[a:b], line + data.count(newline, start, a), dialect)
+            bad = find_copy_line(view, 0, len(view), reported) if reported is not None else None
         if bad is None:  # the server named no record: bisect all that was sent
             piece_loaded, piece_rejects = await _resolve(view, copy, copy_line, error, rate)
             loaded += piece_loaded
@@ -233,24 +322,36 @@ async def isolate(
             carry, error = NO_RECORDS, None
             line += data.count(newline, start, end)
             start = end
+            skipped = [hole for hole in skipped if hole[0] >= start]
             continue
         reject = await _settle(view, bad, error, copy, rate)
         if reject is None:
             loaded += 1
         else:
             rejects.append(reject)
-            rate.foreseen += alone
             refused.learn(view.bare(bad), error)
         rate.rows += max(0, bad + 1 - len(carry))
         if bad < len(carry):  # a record carried as good failed: the piece after it was not reached
             carry = view.slice(0, bad) + view.slice(bad + 1, len(carry))
         else:
-            consumed = view.offsets[bad + 1] - len(carry.data)  # bytes of data[start:] up to the bad record's end
+            after = _source_end(view, bad, len(carry), parts)  # where data[start:] goes on after the bad record
             carry = view.slice(0, bad)
-            line += data.count(newline, start, start + consumed)
-            start += consumed
+            line += data.count(newline, start, after)
+            start = after
+            skipped = [hole for hole in skipped if hole[0] >= start]
         error = None
-    return loaded, rejects
+    return loaded, sorted(rejects, key=lambda reject: reject.line)  # those sent alone were told before their piece's
+
+
+def _source_end(view: Records, bad: int, carried: int, parts: list[Run]) -> int:
+    """The offset in the batch just past record `bad` of `view`: `carried` records, then
+    those of `parts` (runs of bytes of the batch), in order."""
+    offset = view.offsets[bad + 1] - view.offsets[carried]  # bytes sent from the parts up to the record's end
+    for a, b in parts:
+        if offset <= b - a:
+            return a + offset
+        offset -= b - a
+    raise AssertionError("a record past the parts sent")  # pragma: no cover
 
 
 @dataclass(frozen=True)

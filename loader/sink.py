@@ -425,15 +425,15 @@ class Sink:
             await conn.execute(sql.PIECE_SAVEPOINT)
             before = ""  # the savepoint's move after the last piece, sent with the next one
 
-            async def copy_in_savepoint(data: Bytes, records: int) -> int:
+            async def copy_in_savepoint(data: Bytes, records: int, keep: bool = True) -> int:
                 nonlocal before
                 try:
-                    rows = await self._copy(conn, batch, tally, data, records, before)
+                    rows = await self._copy(conn, batch, tally if keep else _Tally(), data, records, before)
                 except Exception as exc:
                     if is_data_error(exc):  # isolate goes on after it: undo just this piece
                         before = sql.PIECE_UNDO + "; "
                     raise
-                before = sql.PIECE_KEEP + "; "
+                before = (sql.PIECE_KEEP if keep else sql.PIECE_UNDO) + "; "
                 return rows
 
             loaded, rejects = await isolate(batch, self._dialect, copy_in_savepoint, copy_line, refusal, self._error_rate)
