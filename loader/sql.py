@@ -9,6 +9,8 @@ from functools import cache, lru_cache
 from pathlib import Path
 from types import MappingProxyType
 
+from .errors import LoaderError
+
 _PACKAGE = Path(__file__).resolve().parent
 _SQL_DIRS = (_PACKAGE / "sql", _PACKAGE.parent / "sql")  # installed wheel, then source checkout
 
@@ -46,7 +48,10 @@ def sql_file(name: str) -> str:
         path = folder / name
         if path.is_file():
             return path.read_text(encoding="utf-8")
-    raise FileNotFoundError(f"SQL file {name} not found in {', '.join(map(str, _SQL_DIRS))}")
+    raise LoaderError(
+        f"the loader's SQL file {name} is in neither {' nor '.join(map(str, _SQL_DIRS))}: "
+        "the installation is incomplete (reinstall the loader)"
+    )
 
 
 # --- the target table -------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from devserver import PASSWORD, PASSWORD_USER
-from helpers import Db
+from helpers import REPO, Db
 from loader.errors import UsageError
 
 
@@ -355,3 +356,18 @@ def test_a_transient_failure_while_the_load_prepares_exits_75_to_be_run_again(db
     db.sql("DROP TRIGGER busy ON t")
     assert db.loader("import", "t.csv", "-t", "t").code == 0
     assert db.value("SELECT count(*) FROM t") == 1
+
+
+def test_an_installation_without_its_sql_files_exits_1_and_says_so(ready: Db, tmp_path: Path) -> None:
+    """A broken installation (the package without the SQL files it runs) is no transient
+    failure to run again: one line naming the missing file, exit 1, nothing loaded."""
+    site = tmp_path / "site"
+    shutil.copytree(REPO / "loader", site / "loader", ignore=shutil.ignore_patterns("__pycache__"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "loader", "import", "good.csv", "-t", "t"],
+        cwd=tmp_path, env={**os.environ, "DATABASE_URL": ready.dsn, "PYTHONPATH": str(site)}, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr
+    line = one_error_line(proc.stderr)
+    assert "SQL file ledger.sql" in line and "reinstall the loader" in line, line
+    assert ready.value("SELECT count(*) FROM t") == 0
