@@ -174,7 +174,7 @@ class RefusedValues:
 class ErrorRate:
     """Bad rows among the rows isolated so far in a load. It sizes the pieces: one batch alone
     holds too few bad rows to tell the density, and a guess too high costs many small COPYs.
-    Bad rows foreseen (by a value refused before) cost no refused piece: they do not count
+    Bad rows foreseen (by a value refused twice before) cost no refused piece: they do not count
     for the pieces' size, only for whether a batch is doomed."""
 
     bad: int = 0
