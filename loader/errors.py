@@ -174,25 +174,27 @@ def server_text(message: str, detail: str | None, hint: str | None) -> str:
 # 'COPY t, line 4, column score: "high"', 'COPY t, line 4, column score: null input',
 # 'COPY t, line 4, column score' (PostgreSQL's CopyFromErrorCallback). A trigger or a
 # function called by the COPY adds lines of its own to the context, and a value may hold
-# line breaks: the column's name ends at the value, or at the end of its line.
-_COPY_COLUMN = re.compile(r'^COPY [^\n]*?, line \d+, column ([^\n]+?)(?:: "|: null input$|$)', re.MULTILINE)
-_COPY_VALUE = re.compile(r'^COPY [^\n]*?, line \d+, column [^\n]+?: "([^\n]*)"$', re.MULTILINE)
+# line breaks: the column's name ends at the value, or at the end of its line; the value is
+# known when it ends on its line.
+_COPY_COLUMN = re.compile(r'^COPY [^\n]*?, line \d+, column ([^\n]+?)(?:: "(?:([^\n]*)"$)?|: null input$|$)', re.MULTILINE)
 _PLAIN_NAME = re.compile(r"[a-z_][a-z0-9_$]*")
 
 
 def refused_column(exc: BaseException) -> str | None:
     """The column whose value a COPY refused, as the server's error context names it."""
-    context = getattr(exc, "context", None)
-    match = _COPY_COLUMN.search(context) if isinstance(context, str) else None
-    return match.group(1) if match else None
+    return _copy_context(exc, 1)
 
 
 def refused_value(exc: BaseException) -> str | None:
     """The value a COPY refused in a column, as the error context shows it (in full up to 30
     characters); None where the context shows none (constraints, field counts, NULL)."""
+    return _copy_context(exc, 2)
+
+
+def _copy_context(exc: BaseException, group: int) -> str | None:
     context = getattr(exc, "context", None)
-    match = _COPY_VALUE.search(context) if isinstance(context, str) else None
-    return match.group(1) if match else None
+    match = _COPY_COLUMN.search(context) if isinstance(context, str) else None
+    return match.group(group) if match else None
 
 
 def reject_message(exc: BaseException) -> str:
