@@ -235,10 +235,10 @@ async def isolate(
         except Exception as exc:
             if not is_data_error(exc):
                 raise
-            record = split_records(data[at:end], at_line, dialect)
-            rejects.append(await _settle(record, 0, exc, copy, rate) or _reject(record, 0, exc))
-            rate.rows += 1
+            rejects.append(_reject(split_records(data[at:end], at_line, dialect), 0, exc))
+            rate.bad += 1
             rate.foreseen += 1
+            rate.rows += 1
             return True
 
     async def around(at: int) -> tuple[list[Run], int, int, int]:
@@ -282,7 +282,7 @@ async def isolate(
                 take(pos)
         return parts, records, pos, lines
 
-    parts, end, lines, error = [(0, len(data))], len(data), 0, first_error
+    parts, end, error = [(0, len(data))], len(data), first_error  # the batch, refused whole with first_error
     while start < len(data) or carry:
         if error is None:
             at = len(data)
