@@ -224,7 +224,7 @@ async def isolate(
     rejects: list[Reject] = []
     carry = NO_RECORDS  # known good, split: they go with the next piece
     start, line = 0, batch.first_line  # data[start:] is not split yet, and starts on source line `line`
-    skipped: list[tuple[int, int, int]] = []  # records past `start` already rejected alone: (start, end, line endings)
+    skipped: list[tuple[int, int, int]] = []  # records rejected alone, in order (those before `start` are passed by): (start, end, line endings)
 
     async def alone(at: int, end: int, at_line: int) -> bool:
         """Send data[at:end], a record holding a refused value, alone, its row never kept:
@@ -304,7 +304,6 @@ async def isolate(
                 carry = NO_RECORDS
                 line += lines
                 start = end
-                skipped = [hole for hole in skipped if hole[0] >= start]
                 continue
         # The COPY of carry + the parts of data[start:end] failed with `error`.
         reported = copy_line(error)
@@ -322,7 +321,6 @@ async def isolate(
             carry, error = NO_RECORDS, None
             line += data.count(newline, start, end)
             start = end
-            skipped = [hole for hole in skipped if hole[0] >= start]
             continue
         reject = await _settle(view, bad, error, copy, rate)
         if reject is None:
@@ -338,7 +336,6 @@ async def isolate(
             carry = view.slice(0, bad)
             line += data.count(newline, start, after)
             start = after
-            skipped = [hole for hole in skipped if hole[0] >= start]
         error = None
     return loaded, sorted(rejects, key=lambda reject: reject.line)  # those sent alone were told before their piece's
 
